@@ -1,0 +1,159 @@
+//! A bus maps address ranges to devices. The vCPU loop hands every port I/O and MMIO exit to one
+//! of two buses and knows nothing else about devices.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// A device reachable on a bus. `offset` is relative to the start of the range it was inserted
+/// at; `data` is the access (1, 2, 4 or 8 bytes, guest-chosen: validate before trusting it).
+pub trait BusDevice: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("Range {base:#x}+{len:#x} overlaps an existing device")]
+    Overlap { base: u64, len: u64 },
+    #[error("Range {base:#x}+{len:#x} is empty or wraps around")]
+    BadRange { base: u64, len: u64 },
+}
+
+type Entry = (u64, Arc<Mutex<dyn BusDevice>>);
+
+/// Address ranges to devices. Unmapped reads return all-ones, unmapped writes are dropped, as on
+/// real hardware.
+#[derive(Default, Clone)]
+pub struct Bus {
+    /// base -> (len, device)
+    ranges: BTreeMap<u64, Entry>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges: Vec<_> = self.ranges.iter().map(|(b, (l, _))| (*b, *l)).collect();
+        f.debug_struct("Bus").field("ranges", &ranges).finish()
+    }
+}
+
+impl Bus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::BadRange { base, len })?;
+        // The previous range must end at or before `base`, the next must start at or after `end`.
+        let prev_overlaps = self
+            .ranges
+            .range(..=base)
+            .next_back()
+            .is_some_and(|(b, (l, _))| b + l > base);
+        let next_overlaps = self.ranges.range(base..end).next().is_some();
+        if prev_overlaps || next_overlaps {
+            return Err(BusError::Overlap { base, len });
+        }
+        self.ranges.insert(base, (len, device));
+        Ok(())
+    }
+
+    /// Remove the device whose range starts at `base`.
+    pub fn remove(&mut self, base: u64) -> Option<Arc<Mutex<dyn BusDevice>>> {
+        self.ranges.remove(&base).map(|(_, d)| d)
+    }
+
+    fn resolve(&self, addr: u64) -> Option<(&Arc<Mutex<dyn BusDevice>>, u64)> {
+        let (base, (len, dev)) = self.ranges.range(..=addr).next_back()?;
+        let offset = addr - base;
+        (offset < *len).then_some((dev, offset))
+    }
+
+    /// Read; returns false (and fills all-ones) when nothing is mapped at `addr`.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.resolve(addr) {
+            Some((dev, offset)) => {
+                lock(dev).read(offset, data);
+                true
+            }
+            None => {
+                data.fill(0xff);
+                false
+            }
+        }
+    }
+
+    /// Write; returns false when nothing is mapped at `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.resolve(addr) {
+            Some((dev, offset)) => {
+                lock(dev).write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Lock a device, going on if a previous holder panicked: device state is plain data that each
+/// access leaves consistent, and one device's bug must not take the whole VM down.
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Reg {
+        last: Vec<(u64, Vec<u8>)>,
+    }
+    impl BusDevice for Reg {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.last.push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn dispatch_and_unmapped() {
+        let mut bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Reg::default()));
+        bus.insert(dev.clone(), 0x3f8, 8).unwrap();
+        let mut b = [0u8; 1];
+        assert!(bus.read(0x3fa, &mut b));
+        assert_eq!(b, [2]);
+        assert!(!bus.read(0x400, &mut b));
+        assert_eq!(b, [0xff]);
+        assert!(!bus.read(0x3f7, &mut b));
+        assert!(bus.write(0x3ff, &[7]));
+        assert!(!bus.write(0x3f7, &[7]));
+        assert_eq!(dev.lock().unwrap().last, vec![(7, vec![7])]);
+    }
+
+    #[test]
+    fn overlaps_refused() {
+        let mut bus = Bus::new();
+        let d = || Arc::new(Mutex::new(Reg::default())) as Arc<Mutex<dyn BusDevice>>;
+        bus.insert(d(), 0x10, 0x10).unwrap();
+        assert!(bus.insert(d(), 0x18, 0x10).is_err());
+        assert!(bus.insert(d(), 0x08, 0x09).is_err());
+        assert!(bus.insert(d(), 0x00, 0x100).is_err());
+        assert!(bus.insert(d(), 0x20, 0).is_err());
+        assert!(bus.insert(d(), u64::MAX, 2).is_err());
+        bus.insert(d(), 0x08, 0x08).unwrap();
+        bus.insert(d(), 0x20, 0x08).unwrap();
+        assert!(bus.remove(0x20).is_some());
+        bus.insert(d(), 0x20, 0x08).unwrap();
+    }
+}

@@ -1,0 +1,1 @@
+//! Legacy PC devices on the port I/O bus.
