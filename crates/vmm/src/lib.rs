@@ -1,6 +1,20 @@
 //! KVM and wiring: builds a VM from an [`api::VmConfig`] and runs it. Owns the threads.
+//!
+//! Threads: the caller's thread runs the event loop (stdin, signals, VM control); one thread per
+//! vCPU runs [`vcpu::Vcpu::run`].
 
-use api::VmConfig;
+pub mod boot;
+pub mod builder;
+pub mod control;
+pub mod cpu;
+pub mod event_loop;
+pub mod layout;
+pub mod mptable;
+pub mod serial_input;
+pub mod vcpu;
+pub mod vm;
+
+use api::{OnReboot, VmConfig};
 
 /// How a VM run ended without a VMM error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,12 +31,76 @@ pub enum VmOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Not implemented yet")]
-    Todo,
+    /// The configuration cannot work (too many vCPUs, memory size, ...).
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error("Cannot open serial output {0}")]
+    SerialFile(std::path::PathBuf, #[source] std::io::Error),
+    #[error("Cannot place device on the bus")]
+    Bus(#[from] devices::bus::BusError),
+    #[error("Event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+    #[error("Cannot set up {0}")]
+    Host(&'static str, #[source] std::io::Error),
 }
 
-/// Build the VM described by `config` and run it until it ends.
+impl Error {
+    /// Errors that come from what the user asked for (exit status 2) rather than from the host
+    /// or the guest.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::SerialFile(..) => true,
+            Error::Boot(e) => e.is_bad_input(),
+            _ => false,
+        }
+    }
+}
+
+/// Smallest guest we build: the boot tables, page tables and a kernel must fit.
+pub const MIN_MEMORY: u64 = 2 << 20;
+/// Largest guest we build (beyond that the host would only fail later and less clearly).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Checks that need no KVM: done before anything is created.
+pub fn validate(config: &VmConfig) -> Result<(), Error> {
+    let size = config.memory.size;
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) {
+        return Err(Error::Config(format!(
+            "Memory size {size} is outside {MIN_MEMORY}..={MAX_MEMORY} bytes"
+        )));
+    }
+    if size % 4096 != 0 {
+        return Err(Error::Config(format!(
+            "Memory size {size} is not a multiple of 4 KiB"
+        )));
+    }
+    if config.cpus.boot == 0 {
+        return Err(Error::Config("At least one vCPU is needed".into()));
+    }
+    Ok(())
+}
+
+/// Build the VM described by `config` and run it until it ends. With `--on-reboot restart`, a
+/// guest reset builds and boots a fresh VM.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, Error> {
-    let _ = config;
-    Err(Error::Todo)
+    validate(config)?;
+    let signals = event_loop::Signals::install()?;
+    loop {
+        let outcome = event_loop::run_once(config, &signals)?;
+        if outcome == VmOutcome::Reset && config.on_reboot == OnReboot::Restart {
+            tracing::info!("guest reset: restarting the VM");
+            continue;
+        }
+        return Ok(outcome);
+    }
 }

@@ -1,0 +1,157 @@
+//! `VmConfig` -> a VM ready to run. The only place that knows addresses, ports, GSIs and which
+//! device goes where; devices are handed their resources and never grab them.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use devices::VmEvents;
+use devices::interrupt::IrqLine;
+use devices::legacy;
+use vmm_sys_util::eventfd::EventFd;
+
+use devices::bus::{Bus, BusDevice};
+use event_manager::MutEventSubscriber;
+
+use crate::control::Control;
+use crate::cpu;
+use crate::layout;
+use crate::serial_input::SerialInput;
+use crate::vcpu::Vcpu;
+use crate::vm::Vm;
+use crate::{Error, boot, mptable};
+
+/// A VM whose vCPUs are ready to be started.
+pub struct BuiltVm {
+    pub vm: Vm,
+    pub vcpus: Vec<Vcpu>,
+    /// Event sources of the devices (stdin for the UART, ...) for the main event loop.
+    pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+}
+
+fn insert(bus: &mut Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), Error> {
+    bus.insert(dev, base, len).map_err(Error::from)
+}
+
+pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, Error> {
+    let mem_size = config.memory.size;
+    let vm = Vm::new(mem_size)?;
+    let ncpus = config.cpus.boot;
+    if usize::from(ncpus) > vm.max_vcpus() {
+        return Err(Error::Config(format!(
+            "{ncpus} vCPUs asked for, this host allows at most {}",
+            vm.max_vcpus()
+        )));
+    }
+    let mem = vm.memory().clone();
+    let payload = boot::load(&mem, mem_size, &config.payload)?;
+    mptable::setup(&mem, ncpus)?;
+
+    let mut pio = Bus::new();
+    let mmio = Bus::new();
+    let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
+    add_legacy_devices(&vm, config, &control, &mut pio, &mut subscribers)?;
+
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(mmio);
+    let base_cpuid = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(usize::from(ncpus));
+    for id in 0..ncpus {
+        let fd = vm.create_vcpu(id)?;
+        cpu::setup_common(&fd, &cpu::cpuid_for(&base_cpuid, id, ncpus))?;
+        if id == 0 {
+            cpu::setup_boot_regs(&fd, &mem, payload.entry)?;
+        }
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            mem: mem.clone(),
+        });
+    }
+    Ok(BuiltVm {
+        vm,
+        vcpus,
+        subscribers,
+    })
+}
+
+/// Where COM1's output goes.
+fn serial_output(config: &api::SerialConfig) -> Result<Box<dyn Write + Send>, Error> {
+    Ok(match config {
+        // Unbuffered, so that a prompt without a newline shows at once; the UART flushes.
+        api::SerialConfig::Tty => {
+            let fd = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::Host("stdout", e))?;
+            Box::new(File::from(fd))
+        }
+        api::SerialConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::SerialFile(path.clone(), e))?,
+        ),
+        api::SerialConfig::Off => Box::new(std::io::sink()),
+    })
+}
+
+/// COM1, i8042, CMOS, POST and debug-exit on the port I/O bus.
+fn add_legacy_devices(
+    vm: &Vm,
+    config: &api::VmConfig,
+    control: &Arc<Control>,
+    pio: &mut Bus,
+    subscribers: &mut Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+) -> Result<(), Error> {
+    let events: Arc<dyn VmEvents> = control.clone();
+
+    let irq: Arc<dyn IrqLine> = Arc::new(vm.irq_line(layout::COM1_IRQ)?);
+    let room = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))?);
+    let serial = Arc::new(Mutex::new(legacy::Serial::new(
+        irq,
+        serial_output(&config.serial)?,
+        Some(room.clone()),
+    )));
+    insert(pio, serial.clone(), layout::COM1_PORT, 8)?;
+    if config.serial == api::SerialConfig::Tty {
+        subscribers.push(Arc::new(Mutex::new(SerialInput::new(
+            serial,
+            libc::STDIN_FILENO,
+            room,
+        ))));
+    }
+
+    let i8042 = legacy::I8042::new(events.clone());
+    let data = Arc::new(Mutex::new(i8042.port(legacy::I8042Port::Data)));
+    let cmd = Arc::new(Mutex::new(i8042.port(legacy::I8042Port::Command)));
+    insert(pio, data, layout::I8042_DATA_PORT, 1)?;
+    insert(pio, cmd, layout::I8042_CMD_PORT, 1)?;
+
+    let ram = layout::ram_ranges(config.memory.size);
+    let low = ram[0].1;
+    let high = ram.get(1).map_or(0, |r| r.1);
+    insert(
+        pio,
+        Arc::new(Mutex::new(legacy::Cmos::new(low, high))),
+        layout::CMOS_PORT,
+        2,
+    )?;
+    insert(
+        pio,
+        Arc::new(Mutex::new(legacy::PostCode::default())),
+        layout::POST_PORT,
+        1,
+    )?;
+    insert(
+        pio,
+        Arc::new(Mutex::new(legacy::DebugExit::new(events))),
+        layout::DEBUG_EXIT_PORT,
+        1,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! The guest physical address map and the fixed ports, in one place. Nothing else in the VMM
+//! spells an address.
+
+/// Real-mode interrupt vector table and BIOS data area: left zero.
+pub const BOOT_GDT: u64 = 0x500;
+pub const BOOT_IDT: u64 = 0x520;
+/// Linux zero page (`struct boot_params`) or PVH `hvm_start_info`.
+pub const ZERO_PAGE: u64 = 0x7000;
+/// PVH memory map table (follows `hvm_start_info` in its own page).
+pub const PVH_MEMMAP: u64 = 0x6000;
+/// PVH module list (the initramfs).
+pub const PVH_MODLIST: u64 = 0x6f00;
+/// Initial stack of a 64-bit boot (grows down from here).
+pub const BOOT_STACK: u64 = 0x8ff0;
+/// Identity-map page tables for a 64-bit boot: PML4, PDPT, then 4 page directories.
+pub const PML4: u64 = 0x9000;
+pub const PDPT: u64 = 0xa000;
+pub const PD: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE: u64 = 0x20000;
+pub const CMDLINE_MAX: usize = 0x10000;
+/// Extended BIOS data area up to the end of base memory: reserved in e820.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// The legacy BIOS area; the MP table lives at its start.
+pub const BIOS_START: u64 = 0xf_0000;
+pub const MPTABLE_START: u64 = BIOS_START;
+/// Where kernels expect to be loaded and where high memory starts.
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// The 32-bit MMIO hole: RAM below it, devices in it, the rest of RAM above 4 GiB.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// KVM needs three pages for the VMX TSS and one for the identity map, inside the hole.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// Fixed ports of the PC platform.
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+pub const I8042_DATA_PORT: u64 = 0x60;
+pub const I8042_CMD_PORT: u64 = 0x64;
+pub const CMOS_PORT: u64 = 0x70;
+pub const POST_PORT: u64 = 0x80;
+pub const DEBUG_EXIT_PORT: u64 = 0xf4;
+
+/// Guest RAM as (start, size) ranges for `size` bytes of memory.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(0, low)];
+    if size > low {
+        ranges.push((MMIO_HOLE_END, size - low));
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_split_around_hole() {
+        assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20)]);
+        assert_eq!(ram_ranges(3 << 30), vec![(0, 3 << 30)]);
+        assert_eq!(
+            ram_ranges(5 << 30),
+            vec![(0, 3 << 30), (MMIO_HOLE_END, 2 << 30)]
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! The KVM virtual machine: guest memory slots, in-kernel irqchip and PIT, irqfds, vCPU fds.
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::layout::{self, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("Cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    ApiVersion(i32),
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    #[error("Cannot create the VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("Cannot set up the VM: {0}")]
+    Setup(&'static str, #[source] kvm_ioctls::Error),
+    #[error("Cannot allocate {0} bytes of guest memory")]
+    Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    #[error("Cannot create vCPU {0}")]
+    CreateVcpu(u8, #[source] kvm_ioctls::Error),
+    #[error("Cannot read supported CPUID")]
+    Cpuid(#[source] kvm_ioctls::Error),
+    #[error("Cannot create an interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("Cannot register irqfd for GSI {0}")]
+    Irqfd(u32, #[source] kvm_ioctls::Error),
+}
+
+/// A VM with its memory registered and its interrupt controllers created.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    mem: GuestMemoryMmap,
+}
+
+impl Vm {
+    pub fn new(mem_size: u64) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::ApiVersion(version));
+        }
+        for (cap, name) in [
+            (kvm_ioctls::Cap::Irqchip, "irqchip"),
+            (kvm_ioctls::Cap::Irqfd, "irqfd"),
+            (kvm_ioctls::Cap::UserMemory, "user memory"),
+            (kvm_ioctls::Cap::ImmediateExit, "immediate exit"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(|e| VmError::Setup("TSS address", e))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(|e| VmError::Setup("identity map address", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Setup("irqchip", e))?;
+        // The PIT's speaker port is a dummy: Linux probes it and must not fault.
+        let pit = kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(|e| VmError::Setup("PIT", e))?;
+
+        let ranges: Vec<_> = layout::ram_ranges(mem_size)
+            .into_iter()
+            .map(|(start, size)| (GuestAddress(start), size as usize))
+            .collect();
+        let mem =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(mem_size, e))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which this Vm keeps for as
+            // long as the VM fd (and so the slot) exists; slots do not overlap.
+            unsafe { fd.set_user_memory_region(region_desc) }
+                .map_err(|e| VmError::Setup("memory slot", e))?;
+        }
+        Ok(Self { kvm, fd, mem })
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmError::Cpuid)
+    }
+
+    /// The most vCPUs this host's KVM allows, capped by what our tables can describe.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus().min(254)
+    }
+
+    pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, VmError> {
+        self.fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmError::CreateVcpu(id, e))
+    }
+
+    /// An eventfd that raises `gsi` when written.
+    pub fn irq_line(&self, gsi: u32) -> Result<EventFd, VmError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(|e| VmError::Irqfd(gsi, e))?;
+        Ok(evt)
+    }
+}
