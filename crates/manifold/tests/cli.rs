@@ -1,0 +1,227 @@
+//! The real binary's command line: exit statuses and error lines. None of these starts a VM, so
+//! none needs /dev/kvm.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn manifold(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_manifold"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("manifold runs")
+}
+
+/// Exit status 2, nothing on stdout, one `manifold: error:` line on stderr that contains `needle`.
+fn assert_bad_input(args: &[&str], needle: &str) {
+    let out = manifold(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "{args:?}: stdout not empty");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: not one line: {stderr}");
+    assert!(
+        lines[0].starts_with("manifold: error: "),
+        "{args:?}: {stderr}"
+    );
+    assert!(lines[0].contains(needle), "{args:?}: {stderr}");
+}
+
+/// A scratch directory of its own for each test, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("manifold-cli-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+
+    fn file(&self, name: &str, contents: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("write scratch file");
+        path_str(&path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_str().expect("temp paths are UTF-8").to_owned()
+}
+
+#[test]
+fn unknown_flag() {
+    assert_bad_input(&["run", "--bogus"], "unexpected argument '--bogus' found");
+    assert_bad_input(&["run", "--kernal", "x"], "'--kernel'");
+    assert_bad_input(&["bogus"], "unrecognized subcommand 'bogus'");
+}
+
+#[test]
+fn cpus_out_of_range() {
+    let s = Scratch::new("cpus");
+    let kernel = s.file("vmlinux", "");
+    assert_bad_input(
+        &["run", "--kernel", &kernel, "--cpus", "boot=0"],
+        "--cpus: Invalid boot=0",
+    );
+    assert_bad_input(
+        &["run", "--kernel", &kernel, "--cpus", "boot=300"],
+        "--cpus: Invalid boot=300",
+    );
+    assert_bad_input(
+        &["run", "--kernel", &kernel, "--cpus", "boot=1,max=2"],
+        "--cpus: Unknown key `max`",
+    );
+}
+
+#[test]
+fn memory_size() {
+    let s = Scratch::new("memory");
+    let kernel = s.file("vmlinux", "");
+    assert_bad_input(
+        &["run", "--kernel", &kernel, "--memory", "size=1K"],
+        "below the 16 MiB needed to boot",
+    );
+    assert_bad_input(
+        &["run", "--kernel", &kernel, "--memory", "size=12Q"],
+        "Unknown size suffix `Q`",
+    );
+    assert_bad_input(
+        &["run", "--kernel", &kernel, "--memory", "size=2048G"],
+        "above the 1 TiB maximum",
+    );
+}
+
+#[test]
+fn serial_mode() {
+    let s = Scratch::new("serial");
+    let kernel = s.file("vmlinux", "");
+    assert_bad_input(
+        &["run", "--kernel", &kernel, "--serial", "bogus"],
+        "--serial: Expected one of tty, off or file=PATH, got `bogus`",
+    );
+}
+
+#[test]
+fn kernel_missing() {
+    assert_bad_input(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        "Cannot read kernel /nonexistent/vmlinux",
+    );
+    assert_bad_input(&["run"], "No kernel given");
+    assert_bad_input(&["run", "--kernel", "/"], "is not a regular file");
+    let s = Scratch::new("initramfs");
+    let kernel = s.file("vmlinux", "");
+    assert_bad_input(
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--initramfs",
+            "/nonexistent/initrd",
+        ],
+        "Cannot read initramfs /nonexistent/initrd",
+    );
+}
+
+#[test]
+fn config_unreadable() {
+    assert_bad_input(
+        &["run", "--config", "/nonexistent/vm.toml"],
+        "Cannot read config file /nonexistent/vm.toml",
+    );
+    let s = Scratch::new("unreadable");
+    assert_bad_input(
+        &["run", "--config", &path_str(&s.0)],
+        "Cannot read config file",
+    );
+}
+
+#[test]
+fn config_unknown_key() {
+    let s = Scratch::new("unknown");
+    let kernel = s.file("vmlinux", "");
+    let toml = s.file(
+        "vm.toml",
+        &format!("[payload]\nkernel = \"{kernel}\"\nimage = \"x\"\n"),
+    );
+    assert_bad_input(
+        &["run", "--config", &toml],
+        "line 3, column 1: unknown field `image`",
+    );
+    let json = s.file("vm.json", r#"{"cpus": {"boot": 1, "max": 2}}"#);
+    assert_bad_input(&["run", "--config", &json], "unknown field `max`");
+    let bad = s.file("bad.toml", "[cpus]\nboot = 0\n");
+    assert_bad_input(&["run", "--config", &bad], "cpus.boot: 0 vCPUs requested");
+}
+
+#[test]
+fn config_and_flags_merge() {
+    let s = Scratch::new("merge");
+    let kernel = s.file("vmlinux", "");
+    let config = s.file(
+        "vm.toml",
+        &format!(
+            "serial = \"off\"\n[payload]\nkernel = \"{kernel}\"\ncmdline = \"console=ttyS0\"\n\
+             [cpus]\nboot = 4\n[memory]\nsize = \"1G\"\n"
+        ),
+    );
+    let out = manifold(&["run", "--config", &config, "--cpus", "boot=2", "--dry-run"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let want = serde_json::json!({
+        "payload": {"kernel": kernel, "initramfs": null, "cmdline": "console=ttyS0"},
+        "cpus": {"boot": 2},
+        "memory": {"size": 1u64 << 30},
+        "serial": "off",
+        "on_reboot": "exit",
+    });
+    assert_eq!(got, want);
+}
+
+#[test]
+fn version_and_help() {
+    let out = manifold(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("manifold {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    assert!(out.stderr.is_empty());
+
+    let out = manifold(&["help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("run"));
+
+    let out = manifold(&["run", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--kernel",
+        "--initramfs",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--serial",
+        "--on-reboot",
+        "--config",
+        "--log-level",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from help");
+    }
+
+    // Nothing asked: help on stderr, and a usage error's status.
+    let out = manifold(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Usage:"));
+}
