@@ -211,7 +211,16 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(exit_status(outcome))
         }
         Err(err) if err.is_bad_input() => fail(&err, EXIT_BAD_INPUT),
-        Err(err) => fail(&err, EXIT_VMM_ERROR),
+        Err(err) => {
+            let status = fail(&err, EXIT_VMM_ERROR);
+            // The post-mortem (registers, code bytes) follows the one-line headline.
+            if let Some(details) = err.details() {
+                for line in details.lines() {
+                    eprintln!("  {line}");
+                }
+            }
+            status
+        }
     }
 }
 

@@ -64,6 +64,14 @@ impl Error {
             _ => false,
         }
     }
+
+    /// A multi-line post-mortem to print after the headline (the vCPU's registers and code).
+    pub fn details(&self) -> Option<&str> {
+        match self {
+            Error::Vcpu(vcpu::VcpuError::Guest { state, .. }) => Some(state),
+            _ => None,
+        }
+    }
 }
 
 /// Smallest guest we build: the boot tables, page tables and a kernel must fit.

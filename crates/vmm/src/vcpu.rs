@@ -15,8 +15,9 @@ use crate::control::Control;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    /// The guest did something the VMM cannot go on from; `state` is the register dump.
-    #[error("vCPU {id}: {reason}\n{state}")]
+    /// The guest did something the VMM cannot go on from; `state` is the register dump, given
+    /// by [`crate::Error::details`] so that the headline stays one line.
+    #[error("vCPU {id}: {reason}")]
     Guest {
         id: u8,
         reason: String,
