@@ -28,6 +28,13 @@ impl Signals {
         let err = |what| move |e| Error::Host(what, e);
         register_signal_handler(SIGRTMIN(), crate::vcpu::kick_handler)
             .map_err(|e| Error::Host("vCPU kick signal", e.into()))?;
+        // An inherited "ignore" would discard SIGTERM before the signalfd sees it, and then
+        // nothing could stop the VM politely. SIGINT and SIGHUP keep what the parent chose
+        // (background jobs, nohup).
+        // SAFETY: setting the default disposition of a valid signal.
+        if unsafe { libc::signal(libc::SIGTERM, libc::SIG_DFL) } == libc::SIG_ERR {
+            return Err(err("SIGTERM disposition")(std::io::Error::last_os_error()));
+        }
         // SAFETY: sigset_t is plain data that sigemptyset initialises.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.

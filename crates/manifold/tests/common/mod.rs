@@ -1,0 +1,164 @@
+//! Running the real `manifold` binary on the test guests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A guard against a hung guest: far above any expected run, not a performance assertion.
+pub const HANG_LIMIT: Duration = Duration::from_secs(120);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Path of a built test guest; builds the guests once per test process if needed.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    BUILT.get_or_init(|| {
+        let _g = LOCK.lock();
+        let status = Command::new("make")
+            .args(["-s", "-C"])
+            .arg(repo_root().join("tests/guests"))
+            .status()
+            .expect("run make for the test guests");
+        assert!(status.success(), "building the test guests failed");
+    });
+    let p = repo_root().join("tests/guests/build").join(name);
+    assert!(p.exists(), "test guest {} missing", p.display());
+    p
+}
+
+pub fn manifold() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_manifold"))
+}
+
+/// What a finished run printed and how it ended.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+}
+
+/// A running manifold whose stdout is read line by line.
+pub struct Running {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: std::thread::JoinHandle<String>,
+    started: Instant,
+}
+
+impl Running {
+    pub fn start(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn manifold");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                if tx
+                    .send(String::from_utf8_lossy(&line).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+            stderr,
+            started: Instant::now(),
+        }
+    }
+
+    /// Wait for a stdout line containing `needle`; panics (with what was seen) on hang or EOF.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            let left = HANG_LIMIT.saturating_sub(self.started.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!("no line with {needle:?} in time; saw {:#?}", self.seen);
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("output ended before {needle:?}; saw {:#?}", self.seen)
+                }
+            }
+        }
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(bytes).expect("write to manifold stdin");
+        stdin.flush().expect("flush");
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// Wait for the process to end and collect everything it printed.
+    pub fn finish(mut self) -> Output {
+        drop(self.stdin.take());
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                let mut rest: Vec<String> = self.lines.iter().collect();
+                self.seen.append(&mut rest);
+                return Output {
+                    status,
+                    stdout: self.seen.join("\n"),
+                    stderr: self.stderr.join().unwrap_or_default(),
+                };
+            }
+            if self.started.elapsed() > HANG_LIMIT {
+                let _ = self.child.kill();
+                panic!("manifold did not exit in time; saw {:#?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Run manifold to completion with stdin closed.
+pub fn run(args: &[&str]) -> Output {
+    let mut cmd = manifold();
+    cmd.args(args);
+    Running::start(&mut cmd).finish()
+}
