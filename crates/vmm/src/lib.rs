@@ -74,28 +74,10 @@ impl Error {
     }
 }
 
-/// Smallest guest we build: the boot tables, page tables and a kernel must fit.
-pub const MIN_MEMORY: u64 = 2 << 20;
-/// Largest guest we build (beyond that the host would only fail later and less clearly).
-pub const MAX_MEMORY: u64 = 1 << 40;
-
-/// Checks that need no KVM: done before anything is created.
+/// Checks that need no KVM, done before anything is created. The rules live in `api` so that
+/// the command line, the config file and library users share them.
 pub fn validate(config: &VmConfig) -> Result<(), Error> {
-    let size = config.memory.size;
-    if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) {
-        return Err(Error::Config(format!(
-            "Memory size {size} is outside {MIN_MEMORY}..={MAX_MEMORY} bytes"
-        )));
-    }
-    if size % 4096 != 0 {
-        return Err(Error::Config(format!(
-            "Memory size {size} is not a multiple of 4 KiB"
-        )));
-    }
-    if config.cpus.boot == 0 {
-        return Err(Error::Config("At least one vCPU is needed".into()));
-    }
-    Ok(())
+    config.validate().map_err(|e| Error::Config(e.to_string()))
 }
 
 /// Build the VM described by `config` and run it until it ends. With `--on-reboot restart`, a
