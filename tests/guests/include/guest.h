@@ -1,0 +1,227 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Shared declarations for the Manifold test guests.
+ *
+ * Everything here compiles for both -m32 (PVH entry, paging off) and -m64
+ * (bzImage / ELF64 entry, long mode, first 4 GiB identity-mapped).
+ * Guest kernel code must stay plain integer code: see tests/guests/README.md.
+ */
+#ifndef GUEST_H
+#define GUEST_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef signed int s32;
+typedef signed long long s64;
+typedef unsigned long uptr; /* pointer-sized */
+typedef unsigned long usize;
+
+#define NULL ((void *)0)
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#define NORETURN __attribute__((noreturn))
+
+/* ---- port I/O, MMIO, CPU helpers --------------------------------------- */
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+	u8 v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+static inline u16 inw(u16 port)
+{
+	u16 v;
+	__asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+static inline u32 inl(u16 port)
+{
+	u32 v;
+	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline u32 mmio_read32(uptr addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write32(uptr addr, u32 v) { *(volatile u32 *)addr = v; }
+
+/*
+ * A pointer to a fixed physical address (paging off or identity-mapped).
+ * Hides the constant from gcc, which otherwise warns about addresses in the
+ * first page as if they were NULL + offset.
+ */
+static inline volatile void *phys(uptr addr)
+{
+	__asm__("" : "+r"(addr));
+	return (volatile void *)addr;
+}
+
+static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
+static inline void cli(void) { __asm__ volatile("cli" : : : "memory"); }
+static inline void sti(void) { __asm__ volatile("sti" : : : "memory"); }
+/* sti; hlt: the interrupt shadow of sti makes the pair atomic. */
+static inline void sti_hlt(void) { __asm__ volatile("sti; hlt" : : : "memory"); }
+static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
+
+static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
+}
+
+/* Spin `n` times (a short delay; every instruction may cost ~1 us here). */
+void delay_loop(u32 n);
+
+/* ---- string helpers (also what gcc may call implicitly) ----------------- */
+
+void *memset(void *d, int c, usize n);
+void *memcpy(void *d, const void *s, usize n);
+void *memmove(void *d, const void *s, usize n);
+int memcmp(const void *a, const void *b, usize n);
+usize strlen(const char *s);
+usize strnlen(const char *s, usize max);
+
+/* ---- COM1 output (polled) ------------------------------------------------ */
+
+#define COM1 0x3F8
+#define UART_RBR 0 /* receive buffer (read, DLAB=0) */
+#define UART_THR 0 /* transmit holding (write, DLAB=0) */
+#define UART_IER 1
+#define UART_IIR 2
+#define UART_FCR 2
+#define UART_LCR 3
+#define UART_MCR 4
+#define UART_LSR 5
+#define UART_LSR_DR 0x01
+#define UART_LSR_THRE 0x20
+
+void serial_init(void);
+void serial_putc(char c);
+void serial_write(const char *s, usize n);
+void serial_puts(const char *s);
+
+/*
+ * Minimal printf to COM1: %s %c %d %u %x %p %%, length modifiers l and ll,
+ * '0' flag and field width (e.g. %02u), precision for %s (%.*s, %.10s).
+ */
+void print(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* u64 / 10 without libgcc (32-bit builds have no __udivdi3 of their own). */
+u64 udivmod64(u64 n, u32 d, u32 *rem);
+
+/* ---- exit ----------------------------------------------------------------- */
+
+#define DEBUG_EXIT_PORT 0xF4
+/* Write `v` to the debug-exit port (the VMM exits with (v << 1) | 1), then halt. */
+void debug_exit(u8 v) NORETURN;
+void halt_forever(void) NORETURN;
+
+/* ---- boot information ---------------------------------------------------- */
+
+#define E820_RAM 1
+#define E820_MAX 128
+
+struct e820_entry {
+	u64 addr;
+	u64 size;
+	u32 type;
+};
+
+struct boot_info {
+	const char *kind;    /* "pvh", "bzimage", "elf64" */
+	const char *cmdline; /* NUL-terminated, "" if none */
+	u64 ram_bytes;       /* sum of e820 type-1 entries */
+	u64 initrd_addr;     /* 0 if none */
+	u64 initrd_size;
+	u32 nr_e820;
+	struct e820_entry e820[E820_MAX];
+};
+
+/* Filled by the entry code before guest_main runs. */
+extern struct boot_info boot_info;
+
+/*
+ * Each guest provides this. Its return value is written to the debug-exit port.
+ */
+int guest_main(struct boot_info *bi);
+
+/* PVH: parse struct hvm_start_info at physical address `paddr`. */
+void bootinfo_from_pvh(struct boot_info *bi, uptr paddr);
+/* Linux boot protocol: parse struct boot_params (the "zero page"). */
+void bootinfo_from_zero_page(struct boot_info *bi, uptr paddr);
+
+/*
+ * Find `key=` as a whole word in the command line; return a pointer to the
+ * value (after '='), or NULL.
+ */
+const char *cmdline_find(const char *cmdline, const char *key);
+/* Parse a decimal (or 0x-prefixed hex) number; *ok = 0 on no digits. */
+u64 parse_u64(const char *s, int *ok);
+
+/* Sum of `n` bytes at `p`, wrapping at 2^32 (word-at-a-time, few instructions/byte). */
+u32 byte_sum(const u8 *p, u64 n);
+
+/* ---- Intel MP table (MP spec 1.4) ---------------------------------------- */
+
+#define MP_MAX_CPUS 64
+
+struct mp_info {
+	uptr fps_addr;   /* floating pointer structure */
+	uptr table_addr; /* configuration table (0 = default configuration) */
+	u32 lapic_addr;
+	u32 ncpus;       /* enabled processor entries */
+	u8 apic_id[MP_MAX_CPUS];
+	u8 is_bsp[MP_MAX_CPUS];
+	u32 nioapics;
+	u8 ioapic_id;
+	u32 ioapic_addr;
+	u32 nbuses;
+	u32 nioints; /* I/O interrupt assignment entries */
+	u32 nlints;  /* local interrupt assignment entries */
+};
+
+/* Returns 0 on success, or a negative error (message printed). */
+int mp_find(struct mp_info *mp);
+
+/* ---- local APIC / I/O APIC ----------------------------------------------- */
+
+#define LAPIC_BASE 0xFEE00000u
+#define LAPIC_ID 0x020
+#define LAPIC_TPR 0x080
+#define LAPIC_EOI 0x0B0
+#define LAPIC_SVR 0x0F0
+#define LAPIC_ICR_LO 0x300
+#define LAPIC_ICR_HI 0x310
+#define LAPIC_LVT_LINT0 0x350
+#define LAPIC_LVT_LINT1 0x360
+
+#define IOAPIC_BASE 0xFEC00000u
+
+static inline u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
+static inline void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }
+static inline void lapic_eoi(void) { lapic_write(LAPIC_EOI, 0); }
+static inline u32 lapic_id(void) { return lapic_read(LAPIC_ID) >> 24; }
+
+void ioapic_write(u32 reg, u32 v);
+u32 ioapic_read(u32 reg);
+/* Mask every input of both 8259 PICs (after remapping them to 0x20-0x2F). */
+void pic_disable(void);
+
+/* ---- interrupts (32-bit builds only) ------------------------------------- */
+
+struct int_frame {
+	u32 edi, esi, ebp, esp_unused, ebx, edx, ecx, eax; /* pusha */
+	u32 vector, error;
+	u32 eip, cs, eflags;
+};
+
+typedef void (*irq_handler_t)(struct int_frame *f);
+
+/* Load an IDT with stubs for all 256 vectors; unhandled vectors print and exit(2). */
+void idt_init(void);
+void idt_set_handler(u8 vector, irq_handler_t h);
+
+#endif /* GUEST_H */
