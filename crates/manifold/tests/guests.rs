@@ -390,3 +390,21 @@ fn initramfs_larger_than_memory_is_bad_input() {
     assert_eq!(out.code(), 2, "{out:?}");
     assert!(out.stderr.contains("does not fit"), "{out:?}");
 }
+
+#[test]
+fn triple_fault_ends_with_status_1_and_a_register_dump() {
+    let out = run(&["run", "--kernel", &path("fault-pvh.elf")]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stdout.contains("faulting"), "{out:?}");
+    assert!(!out.stdout.contains("fault survived"), "{out:?}");
+    let mut lines = out.stderr.lines();
+    let headline = lines.next().unwrap_or_default();
+    assert!(
+        headline.starts_with("manifold: error: vCPU 0: triple fault"),
+        "{out:?}"
+    );
+    // The guest put a marker in eax just before the faulting ud2 (0f 0b).
+    assert!(out.stderr.contains("rax=0x00000000000fa017"), "{out:?}");
+    assert!(out.stderr.contains("code at rip: 0f 0b"), "{out:?}");
+    assert!(out.stderr.contains("cr0=0x"), "{out:?}");
+}
