@@ -2,7 +2,7 @@
 //! of two buses and knows nothing else about devices.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device reachable on a bus. `offset` is relative to the start of the range it was inserted
 /// at; `data` is the access (1, 2, 4 or 8 bytes, guest-chosen: validate before trusting it).
@@ -22,16 +22,17 @@ pub enum BusError {
 type Entry = (u64, Arc<Mutex<dyn BusDevice>>);
 
 /// Address ranges to devices. Unmapped reads return all-ones, unmapped writes are dropped, as on
-/// real hardware.
-#[derive(Default, Clone)]
+/// real hardware. Devices can be added, moved (a guest relocating a PCI BAR) and removed while
+/// vCPUs use the bus: the map sits behind a read-mostly lock that no device access holds.
+#[derive(Default)]
 pub struct Bus {
     /// base -> (len, device)
-    ranges: BTreeMap<u64, Entry>,
+    ranges: RwLock<BTreeMap<u64, Entry>>,
 }
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ranges: Vec<_> = self.ranges.iter().map(|(b, (l, _))| (*b, *l)).collect();
+        let ranges: Vec<_> = self.map().iter().map(|(b, (l, _))| (*b, *l)).collect();
         f.debug_struct("Bus").field("ranges", &ranges).finish()
     }
 }
@@ -41,8 +42,14 @@ impl Bus {
         Self::default()
     }
 
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Entry>> {
+        self.ranges
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub fn insert(
-        &mut self,
+        &self,
         device: Arc<Mutex<dyn BusDevice>>,
         base: u64,
         len: u64,
@@ -51,36 +58,46 @@ impl Bus {
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::BadRange { base, len })?;
-        // The previous range must end at or before `base`, the next must start at or after `end`.
-        let prev_overlaps = self
+        let mut ranges = self
             .ranges
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The previous range must end at or before `base`, the next must start at or after `end`.
+        let prev_overlaps = ranges
             .range(..=base)
             .next_back()
             .is_some_and(|(b, (l, _))| b + l > base);
-        let next_overlaps = self.ranges.range(base..end).next().is_some();
+        let next_overlaps = ranges.range(base..end).next().is_some();
         if prev_overlaps || next_overlaps {
             return Err(BusError::Overlap { base, len });
         }
-        self.ranges.insert(base, (len, device));
+        ranges.insert(base, (len, device));
         Ok(())
     }
 
     /// Remove the device whose range starts at `base`.
-    pub fn remove(&mut self, base: u64) -> Option<Arc<Mutex<dyn BusDevice>>> {
-        self.ranges.remove(&base).map(|(_, d)| d)
+    pub fn remove(&self, base: u64) -> Option<Arc<Mutex<dyn BusDevice>>> {
+        self.ranges
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&base)
+            .map(|(_, d)| d)
     }
 
-    fn resolve(&self, addr: u64) -> Option<(&Arc<Mutex<dyn BusDevice>>, u64)> {
-        let (base, (len, dev)) = self.ranges.range(..=addr).next_back()?;
+    /// The device at `addr` and the offset into it. The map lock is released before the device
+    /// runs, so a device access may itself change the bus.
+    fn resolve(&self, addr: u64) -> Option<(Arc<Mutex<dyn BusDevice>>, u64)> {
+        let map = self.map();
+        let (base, (len, dev)) = map.range(..=addr).next_back()?;
         let offset = addr - base;
-        (offset < *len).then_some((dev, offset))
+        (offset < *len).then(|| (dev.clone(), offset))
     }
 
     /// Read; returns false (and fills all-ones) when nothing is mapped at `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, offset)) => {
-                lock(dev).read(offset, data);
+                lock(&dev).read(offset, data);
                 true
             }
             None => {
@@ -94,7 +111,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, offset)) => {
-                lock(dev).write(offset, data);
+                lock(&dev).write(offset, data);
                 true
             }
             None => false,
@@ -127,7 +144,7 @@ mod tests {
 
     #[test]
     fn dispatch_and_unmapped() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let dev = Arc::new(Mutex::new(Reg::default()));
         bus.insert(dev.clone(), 0x3f8, 8).unwrap();
         let mut b = [0u8; 1];
@@ -143,7 +160,7 @@ mod tests {
 
     #[test]
     fn overlaps_refused() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let d = || Arc::new(Mutex::new(Reg::default())) as Arc<Mutex<dyn BusDevice>>;
         bus.insert(d(), 0x10, 0x10).unwrap();
         assert!(bus.insert(d(), 0x18, 0x10).is_err());

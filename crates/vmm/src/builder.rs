@@ -30,7 +30,7 @@ pub struct BuiltVm {
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
 }
 
-fn insert(bus: &mut Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), Error> {
+fn insert(bus: &Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), Error> {
     bus.insert(dev, base, len).map_err(Error::from)
 }
 
@@ -48,10 +48,10 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
     let payload = boot::load(&mem, mem_size, &config.payload)?;
     mptable::setup(&mem, ncpus)?;
 
-    let mut pio = Bus::new();
+    let pio = Bus::new();
     let mmio = Bus::new();
     let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
-    add_legacy_devices(&vm, config, &control, &mut pio, &mut subscribers)?;
+    add_legacy_devices(&vm, config, &control, &pio, &mut subscribers)?;
 
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
@@ -105,7 +105,7 @@ fn add_legacy_devices(
     vm: &Vm,
     config: &api::VmConfig,
     control: &Arc<Control>,
-    pio: &mut Bus,
+    pio: &Bus,
     subscribers: &mut Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
 ) -> Result<(), Error> {
     let events: Arc<dyn VmEvents> = control.clone();
