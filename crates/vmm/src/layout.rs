@@ -27,9 +27,28 @@ pub const MPTABLE_START: u64 = BIOS_START;
 /// Where kernels expect to be loaded and where high memory starts.
 pub const HIMEM_START: u64 = 0x10_0000;
 
+/// ACPI tables: the RSDP (found by scanning 0xE0000..0x100000) and the tables after it.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = MPTABLE_START;
+
 /// The 32-bit MMIO hole: RAM below it, devices in it, the rest of RAM above 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// The PCI 32-bit memory window (BARs below 4 GiB).
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// PCI Express ECAM: 1 MiB per bus, buses 0..=255.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// Platform MMIO (beyond PCI) from here to the I/O APIC.
+pub const PLATFORM_MMIO_START: u64 = 0xf000_0000;
+/// The PCI 64-bit memory window starts at the first 1 GiB boundary above RAM and is this big.
+pub const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+/// A BIOS image ends at 4 GiB; the last 128 KiB are also visible below 1 MiB.
+pub const FIRMWARE_END: u64 = MMIO_HOLE_END;
+/// First GSI handed out for MSI routes (0..24 are the I/O APIC's pins).
+pub const MSI_GSI_START: u32 = 24;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// KVM needs three pages for the VMX TSS and one for the identity map, inside the hole.
@@ -44,6 +63,24 @@ pub const I8042_CMD_PORT: u64 = 0x64;
 pub const CMOS_PORT: u64 = 0x70;
 pub const POST_PORT: u64 = 0x80;
 pub const DEBUG_EXIT_PORT: u64 = 0xf4;
+/// PCI configuration mechanism #1 (address at 0xCF8, data at 0xCFC..0xCFF).
+pub const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
+pub const PCI_CONFIG_IO_LEN: u64 = 8;
+/// QEMU fw_cfg: selector (16-bit) at 0x510, data at 0x511, DMA address at 0x514..0x51C.
+pub const FW_CFG_PORT: u64 = 0x510;
+pub const FW_CFG_LEN: u64 = 0xc;
+/// ACPI hardware-reduced sleep control (write) and status (read) registers.
+pub const ACPI_SLEEP_PORT: u64 = 0x600;
+
+/// The PCI 64-bit window for `mem_size` bytes of RAM: (start, size).
+pub fn pci_mmio64(mem_size: u64) -> (u64, u64) {
+    let ram_end = ram_ranges(mem_size)
+        .last()
+        .map_or(0, |(start, size)| start + size)
+        .max(MMIO_HOLE_END);
+    let start = ram_end.div_ceil(PCI_MMIO64_ALIGN) * PCI_MMIO64_ALIGN;
+    (start, PCI_MMIO64_SIZE)
+}
 
 /// Guest RAM as (start, size) ranges for `size` bytes of memory.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
