@@ -51,9 +51,10 @@ pub const FIRMWARE_END: u64 = MMIO_HOLE_END;
 pub const MSI_GSI_START: u32 = 24;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
-/// KVM needs three pages for the VMX TSS and one for the identity map, inside the hole.
-pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
-pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// KVM needs three pages for the VMX TSS and one for the identity map, inside the hole and
+/// below the firmware (which may take up to 16 MiB under 4 GiB).
+pub const KVM_TSS_ADDR: u64 = 0xfeff_d000;
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
 
 /// Fixed ports of the PC platform.
 pub const COM1_PORT: u64 = 0x3f8;
