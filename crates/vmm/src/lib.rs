@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod builder;
+pub mod complete;
 pub mod control;
 pub mod cpu;
 pub mod event_loop;

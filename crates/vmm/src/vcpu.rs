@@ -11,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::VmOutcome;
+use crate::complete::Completer;
 use crate::control::Control;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +63,10 @@ impl Vcpu {
     /// Run until the VM stops; reports how it ended to `control` and returns.
     pub fn run(mut self, control: &Control) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run()));
-        let result = self.run_loop(control);
+        let mut completer = Completer::new();
+        let result = self.run_loop(control, &mut completer);
         KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+        completer.log_counts(self.id);
         match result {
             Ok(Some(outcome)) => control.finish(Ok(outcome)),
             Ok(None) => {}
@@ -71,7 +74,11 @@ impl Vcpu {
         }
     }
 
-    fn run_loop(&mut self, control: &Control) -> Result<Option<VmOutcome>, VcpuError> {
+    fn run_loop(
+        &mut self,
+        control: &Control,
+        completer: &mut Completer,
+    ) -> Result<Option<VmOutcome>, VcpuError> {
         while !control.stopping() {
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
@@ -103,7 +110,13 @@ impl Vcpu {
                 Ok(VcpuExit::Shutdown) => return Err(self.fault("triple fault (shutdown)")),
                 Ok(VcpuExit::Hlt) => return Err(self.fault("halted with no irqchip to wake it")),
                 Ok(VcpuExit::InternalError) => {
-                    let reason = self.internal_error();
+                    // An instruction KVM could not emulate: complete it here and go on.
+                    let failed = match completer.complete_exit(&mut self.fd, &self.mem) {
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => format!(": {e}"),
+                        None => String::new(),
+                    };
+                    let reason = self.internal_error() + &failed;
                     return Err(self.fault(&reason));
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
