@@ -7,12 +7,14 @@
 //! as an unclaimed ISA cycle would be. The one exception is the debug-exit port, which takes the
 //! whole value of a 1, 2 or 4 byte write (as QEMU's isa-debug-exit does).
 
+mod acpi_sleep;
 mod cmos;
 mod debug_exit;
 mod i8042;
 mod post;
 mod serial;
 
+pub use acpi_sleep::AcpiSleep;
 pub use cmos::{Clock, Cmos};
 pub use debug_exit::DebugExit;
 pub use i8042::{I8042, I8042Port, I8042PortDevice};
