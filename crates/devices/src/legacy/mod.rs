@@ -4,12 +4,15 @@
 //! cycles at consecutive ports (an `inw` from 0x70 reads 0x70 then 0x71), so the devices here do
 //! the same through [`read_bytes`] and [`write_bytes`]: byte `i` of the access goes to port
 //! `offset + i`, and bytes that fall outside the device read as all-ones and are dropped on write,
-//! as an unclaimed ISA cycle would be. The one exception is the debug-exit port, which takes the
-//! whole value of a 1, 2 or 4 byte write (as QEMU's isa-debug-exit does).
+//! as an unclaimed ISA cycle would be. The exceptions take whole accesses, as their QEMU
+//! counterparts do: the debug-exit port (a 1, 2 or 4 byte write is the value) and fw_cfg (a
+//! 16-bit selector, 32-bit halves of the DMA address).
 
 mod acpi_sleep;
 mod cmos;
 mod debug_exit;
+mod debugcon;
+pub mod fw_cfg;
 mod i8042;
 mod post;
 mod serial;
@@ -17,6 +20,8 @@ mod serial;
 pub use acpi_sleep::AcpiSleep;
 pub use cmos::{Clock, Cmos};
 pub use debug_exit::DebugExit;
+pub use debugcon::DebugCon;
+pub use fw_cfg::FwCfg;
 pub use i8042::{I8042, I8042Port, I8042PortDevice};
 pub use post::PostCode;
 pub use serial::{SERIAL_FIFO_SIZE, Serial};
