@@ -833,6 +833,20 @@ fn print_table(pio: &PioResults, mem128: &MemResults, mem2g: &MemResults) {
         guest(mem2g, 0),
         guest(mem2g, 1)
     );
+    // The two runs of a round share the machine's state of the moment; their ratio is a second
+    // view of the same figure that drift between rounds does not move.
+    for (name, v) in [
+        ("exit round trip", &pio.per_exit_ns),
+        ("start-up", &pio.startup_ms),
+    ] {
+        let ratios: Vec<f64> = v[1].iter().zip(&v[0]).map(|(m, r)| m / r).collect();
+        let s = stats(&ratios);
+        println!(
+            "({name}: manifold/raw within each round, min / median / max: {:.3}x / {:.3}x / \
+             {:.3}x)",
+            s.min, s.median, s.max
+        );
+    }
 }
 
 /// Where each VMM's own Rss is: its mappings in the last run, guest RAM left out, grouped by file
