@@ -5,6 +5,7 @@
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod virtio;
 
 /// Something a device asks of the VM as a whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
