@@ -217,6 +217,10 @@ impl BlockBackend {
 
     /// `fallocate(mode)`; Ok(false) when the host file does not support the mode.
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> Result<bool, BackendError> {
+        // fallocate refuses an empty range with EINVAL; there is nothing to do.
+        if len == 0 {
+            return Ok(true);
+        }
         let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput).into());
         };

@@ -108,8 +108,15 @@ pub(super) fn handle_chain(
         tracing::debug!(head, "virtio-blk: request has no status byte");
         return 0;
     }
-    let status_sg = writable.split_off(writable.len() - 1);
-    let status_addr = status_sg.ranges()[0].addr;
+    // The last writable byte; `writable` is not empty, so this is one one-byte range.
+    let Some(status_addr) = writable
+        .split_off(writable.len() - 1)
+        .ranges()
+        .first()
+        .map(|r| r.addr)
+    else {
+        return 0;
+    };
     if let Err(e) = dma.check(status_addr, 1, Access::Write) {
         tracing::debug!(head, "virtio-blk: status byte: {e}");
         return 0;

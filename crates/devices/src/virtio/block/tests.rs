@@ -392,6 +392,24 @@ fn discard_and_write_zeroes_leave_zeros() {
         assert_eq!(disk.read((sector - 1) * 512, 512), ones);
         assert_eq!(disk.read((sector + u64::from(n)) * 512, 512), ones);
     }
+    // An empty segment is a no-op, not a host error.
+    drv.write(DATA, &seg(10, 0, 0));
+    let (st, _) = run(
+        &mut dev,
+        &mut drv,
+        VIRTIO_BLK_T_DISCARD,
+        0,
+        &[Desc::r(DATA, 16)],
+    );
+    assert_eq!(st, OK);
+    let (st, _) = run(
+        &mut dev,
+        &mut drv,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        0,
+        &[Desc::r(DATA, 16)],
+    );
+    assert_eq!(st, OK);
     // The file keeps its size.
     assert_eq!(
         disk.file.as_file().metadata().unwrap().len(),
