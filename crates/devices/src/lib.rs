@@ -5,6 +5,7 @@
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod pci;
 pub mod virtio;
 
 /// Something a device asks of the VM as a whole.

@@ -9,6 +9,8 @@ pub mod complete;
 pub mod control;
 pub mod cpu;
 pub mod event_loop;
+pub mod interrupts;
+pub mod ioevents;
 pub mod layout;
 pub mod mptable;
 pub mod serial_input;

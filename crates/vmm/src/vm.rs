@@ -1,5 +1,7 @@
 //! The KVM virtual machine: guest memory slots, in-kernel irqchip and PIT, irqfds, vCPU fds.
 
+use std::sync::Arc;
+
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -34,7 +36,8 @@ pub enum VmError {
 /// A VM with its memory registered and its interrupt controllers created.
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    /// Shared with what issues VM ioctls from other threads (GSI routing, ioeventfds).
+    fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
 }
 
@@ -55,7 +58,7 @@ impl Vm {
                 return Err(VmError::MissingCap(name));
             }
         }
-        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
         fd.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(|e| VmError::Setup("TSS address", e))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
@@ -110,6 +113,12 @@ impl Vm {
         self.fd
             .create_vcpu(u64::from(id))
             .map_err(|e| VmError::CreateVcpu(id, e))
+    }
+
+    /// The VM fd, for objects that issue VM ioctls from vCPU threads: the one
+    /// [`crate::interrupts::GsiRouting`] of this VM and [`crate::ioevents::KvmIoEvents`].
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
     }
 
     /// An eventfd that raises `gsi` when written.
