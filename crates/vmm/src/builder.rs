@@ -55,6 +55,8 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
 
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
+    // Devices go on it with `add_device`; it lives as long as the buses.
+    let _pci = add_pci_root(&vm, &pio, &mmio)?;
     let base_cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(ncpus));
     for id in 0..ncpus {
@@ -154,4 +156,30 @@ fn add_legacy_devices(
         1,
     )?;
     Ok(())
+}
+
+/// The PCI root complex (host bridge at 00:00.0): configuration mechanism #1 at 0xCF8 and ECAM,
+/// with BARs mapped on these buses and ioeventfds registered with KVM.
+fn add_pci_root(
+    vm: &Vm,
+    pio: &Arc<Bus>,
+    mmio: &Arc<Bus>,
+) -> Result<Arc<Mutex<devices::pci::PciRoot>>, Error> {
+    use devices::pci::{PciConfigIo, PciEcam, PciRoot};
+    let mut root = PciRoot::new(mmio, pio);
+    root.set_ioevent_registry(Arc::new(crate::ioevents::KvmIoEvents::new(vm.shared_fd())));
+    let root = Arc::new(Mutex::new(root));
+    insert(
+        pio,
+        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+        layout::PCI_CONFIG_IO_PORT,
+        layout::PCI_CONFIG_IO_LEN,
+    )?;
+    insert(
+        mmio,
+        Arc::new(Mutex::new(PciEcam::new(root.clone()))),
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+    )?;
+    Ok(root)
 }

@@ -7,7 +7,7 @@
 //! before it runs a device, so none of these can deadlock.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::config::{ConfigSpace, PciIds};
 use super::device::{BarRegion, IoEvent, IoEventRegistry, PciDevice};
@@ -82,8 +82,10 @@ struct Slot {
 /// PCI functions by address, and the buses their BARs go on.
 pub struct PciRoot {
     slots: BTreeMap<Bdf, Slot>,
-    mmio: Arc<Bus>,
-    pio: Arc<Bus>,
+    /// Weak: the buses hold the root (through its front doors), and a strong reference back
+    /// would keep a whole VM's devices alive after the VM is gone.
+    mmio: Weak<Bus>,
+    pio: Weak<Bus>,
     ioevents: Option<Arc<dyn IoEventRegistry>>,
 }
 
@@ -105,11 +107,11 @@ fn valid_access(offset: u16, len: usize) -> bool {
 
 impl PciRoot {
     /// A root with the host bridge at 00:00.0. BARs go on `mmio` (memory) and `pio` (I/O).
-    pub fn new(mmio: Arc<Bus>, pio: Arc<Bus>) -> Self {
+    pub fn new(mmio: &Arc<Bus>, pio: &Arc<Bus>) -> Self {
         let mut root = Self {
             slots: BTreeMap::new(),
-            mmio,
-            pio,
+            mmio: Arc::downgrade(mmio),
+            pio: Arc::downgrade(pio),
             ioevents: None,
         };
         let bridge: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(HostBridge::new()));
@@ -200,12 +202,15 @@ impl PciRoot {
             tracing::warn!(%bdf, bar = change.bar, "BAR change for a BAR that cannot exist");
             return;
         };
+        // A bus that is gone means the VM is being torn down: nothing left to map.
         let bus_of = |space| match space {
-            AddressSpace::Memory => &self.mmio,
-            AddressSpace::Io => &self.pio,
+            AddressSpace::Memory => self.mmio.upgrade(),
+            AddressSpace::Io => self.pio.upgrade(),
         };
         if let Some(old) = entry.take() {
-            bus_of(old.space).remove(old.base);
+            if let Some(bus) = bus_of(old.space) {
+                bus.remove(old.base);
+            }
             if let Some(reg) = &self.ioevents {
                 for ev in &old.ioevents {
                     if let Err(e) =
@@ -223,7 +228,10 @@ impl PciRoot {
             dev: slot.dev.clone(),
             bar: change.bar,
         }));
-        if let Err(e) = bus_of(change.space).insert(region, base, change.size) {
+        let Some(bus) = bus_of(change.space) else {
+            return;
+        };
+        if let Err(e) = bus.insert(region, base, change.size) {
             tracing::warn!(
                 %bdf,
                 bar = change.bar,

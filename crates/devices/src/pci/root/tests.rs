@@ -142,7 +142,7 @@ impl Platform {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let ioevents = Arc::new(RecordingIoEvents::default());
-        let mut root = PciRoot::new(mmio.clone(), pio.clone());
+        let mut root = PciRoot::new(&mmio, &pio);
         root.set_ioevent_registry(ioevents.clone());
         let irq = RecordingMsi::new();
         let mut devs = Vec::new();
@@ -441,6 +441,18 @@ fn msix_through_the_bar() {
     // Out of range table access through the bus: ignored, reads zero.
     p.mem_write32(table + 0x7fc, 0xffff_ffff);
     assert_eq!(p.mem_read32(table + 0x7fc), 0);
+}
+
+#[test]
+fn no_reference_cycle_through_the_buses() {
+    let p = Platform::new(1);
+    p.ecam_write(DEV1, 0x10, 4, 0xc000_0000);
+    p.ecam_write(DEV1, 0x04, 2, 0x2);
+    let root = Arc::downgrade(&p.root);
+    let dev = Arc::downgrade(&p.devs[0]);
+    drop(p);
+    assert!(root.upgrade().is_none());
+    assert!(dev.upgrade().is_none());
 }
 
 #[test]
