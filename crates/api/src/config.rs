@@ -2,7 +2,8 @@
 //!
 //! A config file holds a [`VmConfig`] with the same keys as its serde model, as TOML, or as JSON
 //! when its name ends in `.json`. Unknown keys are refused. Every key may be left out; the kernel
-//! must then come from `--kernel`. Relative paths are taken from the current directory.
+//! (or firmware) must then come from `--kernel` (or `--firmware`). Relative paths are taken from
+//! the current directory.
 //!
 //! ```toml
 //! serial = "tty"              # or "off", or { file = "/tmp/console.log" }
@@ -12,6 +13,7 @@
 //! kernel = "/boot/vmlinux"
 //! initramfs = "/boot/initrd.img"
 //! cmdline = "console=ttyS0 reboot=k panic=1"
+//! # or, instead of the three above: firmware = "/usr/share/seabios/bios.bin"
 //!
 //! [cpus]
 //! boot = 2
@@ -70,6 +72,7 @@ pub struct Overrides {
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     pub cmdline: Option<String>,
+    pub firmware: Option<PathBuf>,
     pub cpus: Option<CpusConfig>,
     pub memory: Option<MemoryConfig>,
     pub serial: Option<SerialConfig>,
@@ -83,6 +86,7 @@ impl VmConfig {
             kernel,
             initramfs,
             cmdline,
+            firmware,
             cpus,
             memory,
             serial,
@@ -96,6 +100,9 @@ impl VmConfig {
         }
         if cmdline.is_some() {
             self.payload.cmdline = cmdline;
+        }
+        if firmware.is_some() {
+            self.payload.firmware = firmware;
         }
         if let Some(cpus) = cpus {
             self.cpus = cpus;
@@ -210,6 +217,7 @@ size = "1G"
                 kernel: "/boot/vmlinux".into(),
                 initramfs: Some("/boot/initrd.img".into()),
                 cmdline: Some("console=ttyS0".into()),
+                firmware: None,
             },
             cpus: CpusConfig { boot: 4 },
             memory: MemoryConfig { size: 1 << 30 },
@@ -365,6 +373,7 @@ size = "1G"
             kernel: Some("/k2".into()),
             initramfs: Some("/i2".into()),
             cmdline: Some("c2".into()),
+            firmware: Some("/f2".into()),
             cpus: Some(CpusConfig { boot: 8 }),
             memory: Some(MemoryConfig { size: 64 << 20 }),
             serial: Some(SerialConfig::Tty),
@@ -373,6 +382,7 @@ size = "1G"
         assert_eq!(config.payload.kernel, PathBuf::from("/k2"));
         assert_eq!(config.payload.initramfs, Some("/i2".into()));
         assert_eq!(config.payload.cmdline.as_deref(), Some("c2"));
+        assert_eq!(config.payload.firmware, Some("/f2".into()));
         assert_eq!(config.cpus.boot, 8);
         assert_eq!(config.memory.size, 64 << 20);
         assert_eq!(config.serial, SerialConfig::Tty);

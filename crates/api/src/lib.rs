@@ -32,7 +32,7 @@ pub const MEMORY_ALIGN: u64 = 4 << 10;
 /// Everything needed to build and run one VM.
 ///
 /// Every field has a default so that a config file may give only some of them; the one without a
-/// usable default, the kernel, is checked by [`VmConfig::validate`].
+/// usable default, the kernel or firmware, is checked by [`VmConfig::validate`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -48,7 +48,8 @@ pub struct VmConfig {
     pub on_reboot: OnReboot,
 }
 
-/// What the VM boots.
+/// What the VM boots: a kernel (with an optional initramfs and command line), or a firmware
+/// image. Not both: a firmware boots from a disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PayloadConfig {
@@ -60,6 +61,10 @@ pub struct PayloadConfig {
     pub initramfs: Option<PathBuf>,
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// A BIOS image (SeaBIOS `bios.bin`, ...): mapped so that it ends at 4 GiB, entered at the
+    /// reset vector in real mode.
+    #[serde(default)]
+    pub firmware: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,8 +138,15 @@ pub enum InvalidConfig {
     MemoryTooLarge(u64),
     #[error("{} of memory is not a multiple of 4 KiB", display_size(*.0))]
     MemoryUnaligned(u64),
-    #[error("No kernel given: use --kernel PATH or set payload.kernel in the config file")]
+    #[error(
+        "No kernel or firmware given: use --kernel PATH or --firmware PATH, or set \
+         payload.kernel or payload.firmware in the config file"
+    )]
     NoKernel,
+    #[error("A kernel and a firmware were both given: boot one or the other")]
+    KernelAndFirmware,
+    #[error("{0} needs a kernel: a firmware boots without one")]
+    NeedsKernel(&'static str),
     #[error("Empty path")]
     EmptyPath(&'static str),
     #[error("The kernel command line contains a NUL byte")]
@@ -150,6 +162,8 @@ impl InvalidConfig {
                 "memory.size"
             }
             Self::NoKernel => "payload.kernel",
+            Self::KernelAndFirmware => "payload.firmware",
+            Self::NeedsKernel(field) => field,
             Self::EmptyPath(field) => field,
             Self::CmdlineNul => "payload.cmdline",
         }
@@ -157,13 +171,22 @@ impl InvalidConfig {
 }
 
 impl VmConfig {
-    /// Checks every value, and that a kernel was given.
+    /// Checks every value, and that a kernel or a firmware (not both) was given.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         self.validate_values()?;
-        if self.payload.kernel.as_os_str().is_empty() {
-            return Err(InvalidConfig::NoKernel);
+        let payload = &self.payload;
+        let kernel = !payload.kernel.as_os_str().is_empty();
+        match (kernel, payload.firmware.is_some()) {
+            (false, false) => Err(InvalidConfig::NoKernel),
+            (true, true) => Err(InvalidConfig::KernelAndFirmware),
+            (false, true) if payload.initramfs.is_some() => {
+                Err(InvalidConfig::NeedsKernel("payload.initramfs"))
+            }
+            (false, true) if payload.cmdline.is_some() => {
+                Err(InvalidConfig::NeedsKernel("payload.cmdline"))
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Checks every value, but allows the kernel to be missing (a config file may leave it to the
@@ -178,6 +201,14 @@ impl VmConfig {
             .is_some_and(|p| p.as_os_str().is_empty())
         {
             return Err(InvalidConfig::EmptyPath("payload.initramfs"));
+        }
+        if self
+            .payload
+            .firmware
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(InvalidConfig::EmptyPath("payload.firmware"));
         }
         if self
             .payload
@@ -462,8 +493,30 @@ mod tests {
         bad.payload.cmdline = Some("a\0b".into());
         assert_eq!(bad.validate(), Err(InvalidConfig::CmdlineNul));
 
-        let mut bad = config;
+        let mut bad = config.clone();
         bad.serial = SerialConfig::File(PathBuf::new());
         assert_eq!(bad.validate().map_err(|e| e.field()), Err("serial.file"));
+
+        // A firmware instead of a kernel, alone.
+        let mut bad = config;
+        bad.payload.firmware = Some("/bios.bin".into());
+        assert_eq!(bad.validate(), Err(InvalidConfig::KernelAndFirmware));
+        bad.payload.kernel = PathBuf::new();
+        assert_eq!(bad.validate(), Ok(()));
+        bad.payload.cmdline = Some("quiet".into());
+        assert_eq!(
+            bad.validate().map_err(|e| e.field()),
+            Err("payload.cmdline")
+        );
+        bad.payload.initramfs = Some("/initrd".into());
+        assert_eq!(
+            bad.validate(),
+            Err(InvalidConfig::NeedsKernel("payload.initramfs"))
+        );
+        bad.payload.firmware = Some(PathBuf::new());
+        assert_eq!(
+            bad.validate_values().map_err(|e| e.field()),
+            Err("payload.firmware")
+        );
     }
 }

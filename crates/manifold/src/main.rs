@@ -9,7 +9,7 @@
 //! |-------------------|------------------------------------------------------------------------|
 //! | 0                 | the guest shut down, or reset with `--on-reboot exit`; `--help`, `--version` |
 //! | 1                 | the VMM failed (error printed with its causes)                         |
-//! | 2                 | bad input: unknown flag, malformed value, unreadable or invalid config file, missing or unreadable kernel/initramfs, and every `vmm::Error` whose `is_bad_input()` is true (e.g. a kernel that is neither ELF nor bzImage, an unopenable serial file) |
+//! | 2                 | bad input: unknown flag, malformed value, unreadable or invalid config file, missing or unreadable kernel/initramfs/firmware, a firmware image of a bad size, and every `vmm::Error` whose `is_bad_input()` is true (e.g. a kernel that is neither ELF nor bzImage, an unopenable serial file) |
 //! | `(v << 1) \| 1` & 0xff | the guest wrote `v` to the debug-exit port (as QEMU's isa-debug-exit; always odd, so `v = 0` gives 1) |
 //! | 128 + N           | stopped by signal N (SIGINT, SIGTERM, SIGHUP)                          |
 //! | 101 or 134        | a bug: manifold panicked (101 in debug builds, 134 = SIGABRT in release, where panics abort) |
@@ -56,7 +56,8 @@ enum Command {
 /// Flags override the config file field by field.
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Kernel to boot: bzImage or ELF (required unless the config file gives it).
+    /// Kernel to boot: bzImage or ELF (required unless --firmware or the config file gives a
+    /// payload).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk.
@@ -65,6 +66,10 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
     cmdline: Option<String>,
+    /// BIOS image to boot instead of a kernel (SeaBIOS bios.bin): a multiple of 64 KiB up to
+    /// 16 MiB, mapped so that it ends at 4 GiB and run from the reset vector.
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
     /// vCPUs: boot=1..254 [default: boot=1]
     #[arg(long, value_name = "boot=N")]
     cpus: Option<String>,
@@ -230,13 +235,18 @@ fn resolve_config(args: &RunArgs) -> Result<VmConfig, InputError> {
         kernel: args.kernel.clone(),
         initramfs: args.initramfs.clone(),
         cmdline: args.cmdline.clone(),
+        firmware: args.firmware.clone(),
         cpus: args.cpus.as_deref().map(str::parse).transpose()?,
         memory: args.memory.as_deref().map(str::parse).transpose()?,
         serial: args.serial.as_deref().map(str::parse).transpose()?,
         on_reboot: args.on_reboot.as_deref().map(str::parse).transpose()?,
     };
     let config = api::config::build(args.config.as_deref(), overrides)?;
-    check_readable("kernel", &config.payload.kernel)?;
+    // Validation left exactly one of the two.
+    match &config.payload.firmware {
+        Some(firmware) => check_readable("firmware", firmware)?,
+        None => check_readable("kernel", &config.payload.kernel)?,
+    }
     if let Some(initramfs) = &config.payload.initramfs {
         check_readable("initramfs", initramfs)?;
     }

@@ -113,7 +113,7 @@ fn kernel_missing() {
         &["run", "--kernel", "/nonexistent/vmlinux"],
         "Cannot read kernel /nonexistent/vmlinux",
     );
-    assert_bad_input(&["run"], "No kernel given");
+    assert_bad_input(&["run"], "No kernel or firmware given");
     assert_bad_input(&["run", "--kernel", "/"], "is not a regular file");
     let s = Scratch::new("initramfs");
     let kernel = s.file("vmlinux", "");
@@ -180,7 +180,9 @@ fn config_and_flags_merge() {
     );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let want = serde_json::json!({
-        "payload": {"kernel": kernel, "initramfs": null, "cmdline": "console=ttyS0"},
+        "payload": {
+            "kernel": kernel, "initramfs": null, "cmdline": "console=ttyS0", "firmware": null
+        },
         "cpus": {"boot": 2},
         "memory": {"size": 1u64 << 30},
         "serial": "off",
@@ -210,6 +212,7 @@ fn version_and_help() {
         "--kernel",
         "--initramfs",
         "--cmdline",
+        "--firmware",
         "--cpus",
         "--memory",
         "--serial",
@@ -224,4 +227,31 @@ fn version_and_help() {
     let out = manifold(&[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Usage:"));
+}
+
+#[test]
+fn firmware_bad_input() {
+    assert_bad_input(
+        &["run", "--firmware", "/nonexistent/bios.bin"],
+        "Cannot read firmware /nonexistent/bios.bin",
+    );
+    assert_bad_input(&["run", "--firmware", "/"], "is not a regular file");
+    let s = Scratch::new("firmware");
+    // Found only when the image is read, still before any VM exists.
+    let odd = s.file("odd.bin", &"x".repeat(1000));
+    assert_bad_input(
+        &["run", "--firmware", &odd],
+        "is 1000 bytes: it must be a non-zero multiple of 64 KiB, at most 16 MiB",
+    );
+    let empty = s.file("empty.bin", "");
+    assert_bad_input(&["run", "--firmware", &empty], "is 0 bytes");
+    let kernel = s.file("vmlinux", "");
+    assert_bad_input(
+        &["run", "--firmware", &empty, "--kernel", &kernel],
+        "A kernel and a firmware were both given",
+    );
+    assert_bad_input(
+        &["run", "--firmware", &empty, "--cmdline", "quiet"],
+        "payload.cmdline needs a kernel",
+    );
 }

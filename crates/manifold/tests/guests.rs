@@ -421,3 +421,57 @@ fn triple_fault_ends_with_status_1_and_a_register_dump() {
     assert!(out.stderr.contains("code at rip: 0f 0b"), "{out:?}");
     assert!(out.stderr.contains("cr0=0x"), "{out:?}");
 }
+
+/// Debian's SeaBIOS (package `seabios`, installed by scripts/setup), unmodified: from the reset
+/// vector through fw_cfg (DMA, e820 map, vCPU counts, serial console) to its boot stage. There
+/// is no disk yet, so it ends waiting with "No bootable device" until stopped.
+#[test]
+fn seabios_boots_through_fw_cfg_to_its_boot_stage() {
+    // Both images Debian builds for QEMU: 128 KiB, and 256 KiB (QEMU's default), whose init code
+    // lies below 0xE0000 and so needs the whole image copied below 1 MiB.
+    for (image, cpus, memory, high_ram) in [
+        ("bios.bin", 1, "512M", None),
+        (
+            "bios-256k.bin",
+            2,
+            "4G",
+            Some("addr 0x0000000100000000 len 0x0000000040000000"),
+        ),
+    ] {
+        let firmware = format!("/usr/share/seabios/{image}");
+        let mut cmd = manifold();
+        cmd.args([
+            "run",
+            "--firmware",
+            &firmware,
+            "--cpus",
+            &format!("boot={cpus}"),
+            "--memory",
+            &format!("size={memory}"),
+            "--serial",
+            "tty",
+            // Maps the debug console, where SeaBIOS writes its log.
+            "--log-level",
+            "debug",
+        ]);
+        let mut vm = Running::start(&mut cmd);
+        // sercon draws SeaBIOS's screen on COM1.
+        vm.wait_for("SeaBIOS (version ");
+        vm.wait_for("Booting from ");
+        vm.wait_for("No bootable device");
+        vm.signal(libc::SIGTERM);
+        let out = vm.finish();
+        assert_eq!(out.code(), 143, "{image}: {out:?}");
+        for needle in [
+            "firmware: Found QEMU fw_cfg",
+            "firmware: QEMU fw_cfg DMA interface supported",
+            "firmware: sercon: using ioport 0x3f8",
+            &format!("firmware: Found {cpus} cpu(s) max supported {cpus} cpu(s)"),
+        ] {
+            assert!(out.stderr.contains(needle), "{image}: {needle}: {out:?}");
+        }
+        if let Some(high) = high_ram {
+            assert!(out.stderr.contains(high), "{image}: {out:?}");
+        }
+    }
+}

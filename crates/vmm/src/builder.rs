@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use devices::VmEvents;
 use devices::interrupt::IrqLine;
 use devices::legacy;
+use devices::virtio::DmaSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use devices::bus::{Bus, BusDevice};
@@ -20,7 +21,7 @@ use crate::layout;
 use crate::serial_input::SerialInput;
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
-use crate::{Error, boot, mptable};
+use crate::{Error, boot, firmware, mptable};
 
 /// A VM whose vCPUs are ready to be started.
 pub struct BuiltVm {
@@ -36,7 +37,14 @@ fn insert(bus: &Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Res
 
 pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, Error> {
     let mem_size = config.memory.size;
-    let vm = Vm::new(mem_size)?;
+    // Read the image first: a bad one is the user's mistake, reported before KVM is touched.
+    let firmware = config
+        .payload
+        .firmware
+        .as_deref()
+        .map(firmware::read_image)
+        .transpose()?;
+    let mut vm = Vm::new(mem_size)?;
     let ncpus = config.cpus.boot;
     if usize::from(ncpus) > vm.max_vcpus() {
         return Err(Error::Config(format!(
@@ -45,10 +53,22 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
         )));
     }
     let mem = vm.memory().clone();
-    let payload = boot::load(&mem, mem_size, &config.payload)?;
-    mptable::setup(&mem, ncpus)?;
-
     let pio = Bus::new();
+    // A firmware starts at the reset vector, where KVM leaves a new vCPU, and writes its own
+    // tables (the MP table would land on its code at 0xF0000).
+    let payload = match &firmware {
+        Some(image) => {
+            firmware::install(&mut vm, image)?;
+            add_firmware_devices(&mem, config, image.len() as u64, &pio)?;
+            None
+        }
+        None => {
+            let payload = boot::load(&mem, mem_size, &config.payload)?;
+            mptable::setup(&mem, ncpus)?;
+            Some(payload)
+        }
+    };
+
     let mmio = Bus::new();
     let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
     add_legacy_devices(&vm, config, &control, &pio, &mut subscribers)?;
@@ -62,7 +82,7 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
     for id in 0..ncpus {
         let fd = vm.create_vcpu(id)?;
         cpu::setup_common(&fd, &cpu::cpuid_for(&base_cpuid, id, ncpus))?;
-        if id == 0 {
+        if let (0, Some(payload)) = (id, &payload) {
             cpu::setup_boot_regs(&fd, &mem, payload.entry)?;
         }
         vcpus.push(Vcpu {
@@ -100,6 +120,33 @@ fn serial_output(config: &api::SerialConfig) -> Result<Box<dyn Write + Send>, Er
         ),
         api::SerialConfig::Off => Box::new(std::io::sink()),
     })
+}
+
+/// fw_cfg, and the debug console when debug logs are shown (SeaBIOS only writes its log when
+/// the port answers, and each byte costs an exit).
+fn add_firmware_devices(
+    mem: &vm_memory::GuestMemoryMmap,
+    config: &api::VmConfig,
+    image_len: u64,
+    pio: &Bus,
+) -> Result<(), Error> {
+    // fw_cfg DMA addresses are guest physical: no IOMMU sits in front of a platform device.
+    let fw_cfg = firmware::fw_cfg(DmaSpace::identity(mem.clone()), config, image_len)?;
+    insert(
+        pio,
+        Arc::new(Mutex::new(fw_cfg)),
+        layout::FW_CFG_PORT,
+        layout::FW_CFG_LEN,
+    )?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        insert(
+            pio,
+            Arc::new(Mutex::new(legacy::DebugCon::new())),
+            layout::DEBUGCON_PORT,
+            1,
+        )?;
+    }
+    Ok(())
 }
 
 /// COM1, i8042, CMOS, POST and debug-exit on the port I/O bus.

@@ -70,6 +70,8 @@ pub const PCI_CONFIG_IO_LEN: u64 = 8;
 /// QEMU fw_cfg: selector (16-bit) at 0x510, data at 0x511, DMA address at 0x514..0x51C.
 pub const FW_CFG_PORT: u64 = 0x510;
 pub const FW_CFG_LEN: u64 = 0xc;
+/// QEMU's debug console (`isa-debugcon`), where SeaBIOS writes its log.
+pub const DEBUGCON_PORT: u64 = 0x402;
 /// ACPI hardware-reduced sleep control (write) and status (read) registers.
 pub const ACPI_SLEEP_PORT: u64 = 0x600;
 

@@ -9,6 +9,7 @@ pub mod complete;
 pub mod control;
 pub mod cpu;
 pub mod event_loop;
+pub mod firmware;
 pub mod interrupts;
 pub mod ioevents;
 pub mod layout;
@@ -47,6 +48,8 @@ pub enum Error {
     Vcpu(#[from] vcpu::VcpuError),
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Firmware(#[from] firmware::FirmwareError),
     #[error("Cannot open serial output {0}")]
     SerialFile(std::path::PathBuf, #[source] std::io::Error),
     #[error("Cannot place device on the bus")]
@@ -64,6 +67,7 @@ impl Error {
         match self {
             Error::Config(_) | Error::SerialFile(..) => true,
             Error::Boot(e) => e.is_bad_input(),
+            Error::Firmware(e) => e.is_bad_input(),
             _ => false,
         }
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::{self, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
@@ -31,6 +31,8 @@ pub enum VmError {
     EventFd(#[source] std::io::Error),
     #[error("Cannot register irqfd for GSI {0}")]
     Irqfd(u32, #[source] kvm_ioctls::Error),
+    #[error("Cannot fill the read-only mapping at {0:#x}")]
+    Rom(u64, #[source] vm_memory::GuestMemoryError),
 }
 
 /// A VM with its memory registered and its interrupt controllers created.
@@ -39,6 +41,8 @@ pub struct Vm {
     /// Shared with what issues VM ioctls from other threads (GSI routing, ioeventfds).
     fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
+    /// Read-only mappings (firmware), each in its own slot after the RAM slots.
+    roms: Vec<GuestMemoryMmap>,
 }
 
 impl Vm {
@@ -91,7 +95,42 @@ impl Vm {
             unsafe { fd.set_user_memory_region(region_desc) }
                 .map_err(|e| VmError::Setup("memory slot", e))?;
         }
-        Ok(Self { kvm, fd, mem })
+        Ok(Self {
+            kvm,
+            fd,
+            mem,
+            roms: Vec::new(),
+        })
+    }
+
+    /// Map a copy of `image` read-only at `addr`: the guest reads and runs it, and its writes
+    /// become MMIO exits (dropped, nothing being mapped there on the MMIO bus).
+    pub fn map_rom(&mut self, addr: u64, image: &[u8]) -> Result<(), VmError> {
+        if !self.kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
+            return Err(VmError::MissingCap("read-only memory"));
+        }
+        let len = image.len() as u64;
+        let rom = GuestMemoryMmap::from_ranges(&[(GuestAddress(addr), image.len())])
+            .map_err(|e| VmError::Memory(len, e))?;
+        rom.write_slice(image, GuestAddress(addr))
+            .map_err(|e| VmError::Rom(addr, e))?;
+        // One range, so one region.
+        for region in rom.iter() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: (self.mem.num_regions() + self.roms.len()) as u32,
+                guest_phys_addr: addr,
+                memory_size: len,
+                userspace_addr: region.as_ptr() as u64,
+                flags: kvm_bindings::KVM_MEM_READONLY,
+            };
+            // SAFETY: the mapping is owned by `rom`, which this Vm keeps for as long as the VM
+            // fd (and so the slot) exists; the slot number is unused and the caller places ROMs
+            // outside RAM.
+            unsafe { self.fd.set_user_memory_region(region_desc) }
+                .map_err(|e| VmError::Setup("read-only memory slot", e))?;
+        }
+        self.roms.push(rom);
+        Ok(())
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {

@@ -9,8 +9,9 @@
 //!
 //! A DMA transfer is described in guest memory by a big-endian `{ u32 control; u32 length;
 //! u64 address; }`. The device reads it, does the work and writes the control word back: 0 on
-//! success, [`DMA_CTL_ERROR`] on failure (a bad address, a write). Nothing the guest writes can
-//! make it panic or touch memory outside guest RAM.
+//! success, [`DMA_CTL_ERROR`] on failure (a bad address, a write). Every access goes through the
+//! device's [`DmaSpace`] and is range-checked before it touches memory, so nothing the guest
+//! writes can make it panic or reach outside what that space allows.
 //!
 //! Items are either legacy keys ([`key`]) or named files listed in the directory at
 //! [`key::FILE_DIR`]: a big-endian count, then 64-byte entries `{ u32 size; u16 select;
@@ -20,9 +21,8 @@ mod loader;
 
 use std::collections::BTreeMap;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
 use crate::bus::BusDevice;
+use crate::virtio::dma::{DmaSnapshot, DmaSpace};
 
 pub use loader::{AllocZone, TableLoader};
 
@@ -91,11 +91,9 @@ pub enum FwCfgError {
     ReservedKey(u16),
 }
 
-/// The fw_cfg device. Give it guest memory for the DMA interface, then items and files.
+/// The fw_cfg device. Give it a DMA space, then items and files.
 pub struct FwCfg {
-    // TODO(DmaSpace): take the DMA handle of `devices::virtio::dma` once it lands, so that
-    // fw_cfg DMA goes through the IOMMU like every other device's.
-    mem: GuestMemoryMmap,
+    dma: DmaSpace,
     /// Key (without the write bit) -> contents.
     items: BTreeMap<u16, Vec<u8>>,
     /// File names in directory order; file `i` has key `FILE_FIRST + i`.
@@ -108,13 +106,14 @@ pub struct FwCfg {
 
 impl FwCfg {
     /// A device with its signature, its ID (port and DMA interfaces) and an empty directory.
-    pub fn new(mem: GuestMemoryMmap) -> Self {
+    /// `dma` is where DMA requests read and write (identity: guest physical addresses).
+    pub fn new(dma: DmaSpace) -> Self {
         let mut items = BTreeMap::new();
         items.insert(key::SIGNATURE, b"QEMU".to_vec());
         items.insert(key::ID, (ID_TRADITIONAL | ID_DMA).to_le_bytes().to_vec());
         items.insert(key::FILE_DIR, 0u32.to_be_bytes().to_vec());
         Self {
-            mem,
+            dma,
             items,
             files: Vec::new(),
             selected: key::SIGNATURE,
@@ -203,12 +202,9 @@ impl FwCfg {
 
     /// Run the DMA request whose descriptor is at guest physical `addr`.
     fn dma(&mut self, addr: u64) {
+        let mem = self.dma.snapshot();
         let mut access = [0u8; DMA_ACCESS_LEN];
-        let status = if self
-            .mem
-            .read_slice(&mut access, GuestAddress(addr))
-            .is_err()
-        {
+        let status = if mem.read(addr, &mut access).is_err() {
             DMA_CTL_ERROR
         } else {
             let be32 = |at: usize| u32::from_be_bytes([0, 1, 2, 3].map(|i| access[at + i]));
@@ -219,7 +215,7 @@ impl FwCfg {
                 self.select((control >> 16) as u16);
             }
             if control & DMA_CTL_READ != 0 {
-                self.dma_read(address, length)
+                self.dma_read(&mem, address, length)
             } else if control & DMA_CTL_WRITE != 0 {
                 // No item is writable.
                 tracing::debug!("fw_cfg: DMA write to key {:#x} refused", self.selected);
@@ -235,19 +231,16 @@ impl FwCfg {
             tracing::debug!(addr, "fw_cfg: DMA request failed");
         }
         // Nothing to report to if the descriptor itself is not in guest memory.
-        let _ = self
-            .mem
-            .write_slice(&status.to_be_bytes(), GuestAddress(addr));
+        let _ = mem.write(addr, &status.to_be_bytes());
     }
 
     /// Copy `length` bytes of the selected item to guest `address`, zeroes past its end.
-    fn dma_read(&mut self, address: u64, length: u32) -> u32 {
+    fn dma_read(&mut self, mem: &DmaSnapshot, address: u64, length: u32) -> u32 {
         let length = length as usize;
         let start = self.offset.min(self.current().len());
         let n = length.min(self.current().len() - start);
-        if self
-            .mem
-            .write_slice(&self.current()[start..start + n], GuestAddress(address))
+        if mem
+            .write(address, &self.current()[start..start + n])
             .is_err()
         {
             return DMA_CTL_ERROR;
@@ -258,7 +251,7 @@ impl FwCfg {
         while done < length {
             let chunk = (length - done).min(ZEROES.len());
             let at = address.checked_add(done as u64);
-            match at.map(|a| self.mem.write_slice(&ZEROES[..chunk], GuestAddress(a))) {
+            match at.map(|a| mem.write(a, &ZEROES[..chunk])) {
                 Some(Ok(())) => done += chunk,
                 _ => return DMA_CTL_ERROR,
             }
@@ -328,6 +321,7 @@ impl BusDevice for FwCfg {
 mod tests {
     use super::*;
     use crate::legacy::testutil::{XorShift, fuzz, read1};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const MEM: u64 = 0x10_0000;
 
@@ -373,7 +367,7 @@ mod tests {
 
     #[test]
     fn signature_and_id_through_ports() {
-        let mut d = FwCfg::new(mem());
+        let mut d = FwCfg::new(DmaSpace::identity(mem()));
         // Key 0 is selected at reset.
         assert_eq!(read_n(&mut d, 4), b"QEMU");
         // Past the end: zeroes.
@@ -400,7 +394,7 @@ mod tests {
 
     #[test]
     fn dma_register_reads_signature() {
-        let mut d = FwCfg::new(mem());
+        let mut d = FwCfg::new(DmaSpace::identity(mem()));
         let mut sig = [0u8; 4];
         d.read(4, &mut sig);
         assert_eq!(&sig, b"QEMU");
@@ -413,7 +407,7 @@ mod tests {
 
     #[test]
     fn legacy_items_and_reserved_keys() {
-        let mut d = FwCfg::new(mem());
+        let mut d = FwCfg::new(DmaSpace::identity(mem()));
         d.set_item(key::NB_CPUS, 2u16.to_le_bytes().to_vec())
             .expect("nb cpus");
         d.set_item(key::IRQ0_OVERRIDE, 0u32.to_le_bytes().to_vec())
@@ -438,7 +432,7 @@ mod tests {
 
     #[test]
     fn file_directory_layout() {
-        let mut d = FwCfg::new(mem());
+        let mut d = FwCfg::new(DmaSpace::identity(mem()));
         assert_eq!(d.add_file("etc/e820", vec![1; 40]), Ok(0x20));
         assert_eq!(d.add_file("bootorder", b"/x\n".to_vec()), Ok(0x21));
         assert_eq!(
@@ -481,7 +475,7 @@ mod tests {
     #[test]
     fn dma_read_select_and_skip() {
         let m = mem();
-        let mut d = FwCfg::new(m.clone());
+        let mut d = FwCfg::new(DmaSpace::identity(m.clone()));
         let data: Vec<u8> = (0..100).collect();
         let k = d.add_file("etc/test", data.clone()).expect("file");
         m.write_slice(&[0xaa; 128], GuestAddress(0x2000))
@@ -543,7 +537,7 @@ mod tests {
     #[test]
     fn dma_errors() {
         let m = mem();
-        let mut d = FwCfg::new(m.clone());
+        let mut d = FwCfg::new(DmaSpace::identity(m.clone()));
         d.add_file("etc/test", vec![7; 16]).expect("file");
         let read = (0x20 << 16) | DMA_CTL_SELECT | DMA_CTL_READ;
 
@@ -596,7 +590,7 @@ mod tests {
     #[test]
     fn random_accesses_do_not_panic() {
         let m = mem();
-        let mut d = FwCfg::new(m.clone());
+        let mut d = FwCfg::new(DmaSpace::identity(m.clone()));
         d.add_file("etc/test", vec![1; 300]).expect("file");
         fuzz(&mut d, 0x510, PORT_LEN + 2, 20_000);
         // Random DMA descriptors, some in memory and some not.
