@@ -1,6 +1,6 @@
 //! Virtio devices, independent of their transport.
 //!
-//! Three layers (DESIGN.md): the transport (virtio-pci, not here yet) owns the common
+//! Three layers (DESIGN.md): the transport ([`pci`], virtio-pci) owns the common
 //! configuration, device status, notifications and MSI-X; a device ([`VirtioDevice`]) owns its
 //! configuration space and queue processing; a backend is a plain struct (an image file, a tap).
 //!
@@ -23,6 +23,7 @@
 
 pub mod block;
 pub mod dma;
+pub mod pci;
 pub mod queue;
 #[cfg(test)]
 pub(crate) mod testutil;

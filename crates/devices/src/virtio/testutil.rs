@@ -78,6 +78,16 @@ impl<'a> TestDriver<'a> {
         self.mock.create_queue().expect("mock queue")
     }
 
+    /// Guest addresses of the descriptor table, available ring and used ring, for a test that
+    /// programs them through a transport.
+    pub fn ring_addresses(&self) -> (u64, u64, u64) {
+        (
+            self.mock.desc_table_addr().0,
+            self.mock.avail_addr().0,
+            self.mock.used_addr().0,
+        )
+    }
+
     pub fn next_free(&self) -> u16 {
         self.next_desc
     }
