@@ -25,6 +25,7 @@ pub mod block;
 pub mod dma;
 pub mod pci;
 pub mod queue;
+pub mod rng;
 #[cfg(test)]
 pub(crate) mod testutil;
 
