@@ -20,13 +20,19 @@
 //!
 //! [memory]
 //! size = "1G"                 # or a number of bytes: 1073741824
+//!
+//! [[disks]]                   # repeatable: one virtio-blk device each
+//! path = "/var/disk.img"
+//! readonly = true             # direct = true, serial = "ID" also
 //! ```
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use crate::{CpusConfig, InvalidConfig, MemoryConfig, OnReboot, SerialConfig, VmConfig};
+use crate::{
+    CpusConfig, DiskConfig, InvalidConfig, MemoryConfig, OnReboot, SerialConfig, VmConfig,
+};
 
 /// Larger than any sensible config file; stops `--config /dev/zero` from eating memory.
 const MAX_FILE_SIZE: u64 = 1 << 20;
@@ -77,6 +83,8 @@ pub struct Overrides {
     pub memory: Option<MemoryConfig>,
     pub serial: Option<SerialConfig>,
     pub on_reboot: Option<OnReboot>,
+    /// Replace the file's disks (if any flag gave one).
+    pub disks: Option<Vec<DiskConfig>>,
 }
 
 impl VmConfig {
@@ -91,6 +99,7 @@ impl VmConfig {
             memory,
             serial,
             on_reboot,
+            disks,
         } = overrides;
         if let Some(kernel) = kernel {
             self.payload.kernel = kernel;
@@ -115,6 +124,9 @@ impl VmConfig {
         }
         if let Some(on_reboot) = on_reboot {
             self.on_reboot = on_reboot;
+        }
+        if let Some(disks) = disks {
+            self.disks = disks;
         }
     }
 }
@@ -209,6 +221,11 @@ boot = 4
 
 [memory]
 size = "1G"
+
+[[disks]]
+path = "/var/disk.img"
+readonly = true
+serial = "d0"
 "#;
 
     fn full() -> VmConfig {
@@ -223,6 +240,12 @@ size = "1G"
             memory: MemoryConfig { size: 1 << 30 },
             serial: SerialConfig::File("/tmp/console.log".into()),
             on_reboot: OnReboot::Restart,
+            disks: vec![DiskConfig {
+                path: "/var/disk.img".into(),
+                readonly: true,
+                direct: false,
+                serial: Some("d0".into()),
+            }],
         }
     }
 
@@ -378,6 +401,7 @@ size = "1G"
             memory: Some(MemoryConfig { size: 64 << 20 }),
             serial: Some(SerialConfig::Tty),
             on_reboot: Some(OnReboot::Exit),
+            disks: Some(vec![]),
         });
         assert_eq!(config.payload.kernel, PathBuf::from("/k2"));
         assert_eq!(config.payload.initramfs, Some("/i2".into()));
@@ -387,6 +411,7 @@ size = "1G"
         assert_eq!(config.memory.size, 64 << 20);
         assert_eq!(config.serial, SerialConfig::Tty);
         assert_eq!(config.on_reboot, OnReboot::Exit);
+        assert!(config.disks.is_empty());
     }
 
     #[test]

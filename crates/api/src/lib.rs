@@ -6,6 +6,7 @@
 //! - [`config`]: config files (TOML or JSON) and command-line overrides.
 
 pub mod config;
+pub mod disk;
 pub mod option;
 pub mod size;
 
@@ -15,6 +16,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use config::{ConfigError, Overrides};
+pub use disk::DiskConfig;
 pub use option::{OptionError, OptionList};
 
 use option::Number;
@@ -46,6 +48,9 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     #[serde(default)]
     pub on_reboot: OnReboot,
+    /// virtio-blk disks, in PCI slot order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
 }
 
 /// What the VM boots: a kernel (with an optional initramfs and command line), or a firmware
@@ -151,6 +156,8 @@ pub enum InvalidConfig {
     EmptyPath(&'static str),
     #[error("The kernel command line contains a NUL byte")]
     CmdlineNul,
+    #[error("A disk serial is {0} bytes long; at most 20 fit")]
+    DiskSerial(usize),
 }
 
 impl InvalidConfig {
@@ -166,6 +173,7 @@ impl InvalidConfig {
             Self::NeedsKernel(field) => field,
             Self::EmptyPath(field) => field,
             Self::CmdlineNul => "payload.cmdline",
+            Self::DiskSerial(_) => "disks.serial",
         }
     }
 }
@@ -220,6 +228,9 @@ impl VmConfig {
         }
         if matches!(&self.serial, SerialConfig::File(p) if p.as_os_str().is_empty()) {
             return Err(InvalidConfig::EmptyPath("serial.file"));
+        }
+        for disk in &self.disks {
+            disk.validate()?;
         }
         Ok(())
     }

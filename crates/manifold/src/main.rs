@@ -9,7 +9,7 @@
 //! |-------------------|------------------------------------------------------------------------|
 //! | 0                 | the guest shut down, or reset with `--on-reboot exit`; `--help`, `--version` |
 //! | 1                 | the VMM failed (error printed with its causes)                         |
-//! | 2                 | bad input: unknown flag, malformed value, unreadable or invalid config file, missing or unreadable kernel/initramfs/firmware, a firmware image of a bad size, and every `vmm::Error` whose `is_bad_input()` is true (e.g. a kernel that is neither ELF nor bzImage, an unopenable serial file) |
+//! | 2                 | bad input: unknown flag, malformed value, unreadable or invalid config file, missing or unreadable kernel/initramfs/firmware/disk image, a firmware image of a bad size, and every `vmm::Error` whose `is_bad_input()` is true (e.g. a kernel that is neither ELF nor bzImage, an unopenable serial file) |
 //! | `(v << 1) \| 1` & 0xff | the guest wrote `v` to the debug-exit port (as QEMU's isa-debug-exit; always odd, so `v = 0` gives 1) |
 //! | 128 + N           | stopped by signal N (SIGINT, SIGTERM, SIGHUP)                          |
 //! | 101 or 134        | a bug: manifold panicked (101 in debug builds, 134 = SIGABRT in release, where panics abort) |
@@ -82,6 +82,10 @@ struct RunArgs {
     /// What a guest reset does: exit manifold, or restart the VM [default: exit]
     #[arg(long, value_name = "exit|restart")]
     on_reboot: Option<String>,
+    /// A virtio-blk disk on a raw image (repeatable). readonly=on: guest writes fail; direct=on:
+    /// O_DIRECT; serial=ID: what the guest reads with GET_ID (at most 20 bytes).
+    #[arg(long, value_name = "path=IMG[,readonly=on][,direct=on][,serial=ID]")]
+    disk: Vec<String>,
     /// Config file: TOML, or JSON if its name ends in .json.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -240,6 +244,16 @@ fn resolve_config(args: &RunArgs) -> Result<VmConfig, InputError> {
         memory: args.memory.as_deref().map(str::parse).transpose()?,
         serial: args.serial.as_deref().map(str::parse).transpose()?,
         on_reboot: args.on_reboot.as_deref().map(str::parse).transpose()?,
+        disks: if args.disk.is_empty() {
+            None
+        } else {
+            Some(
+                args.disk
+                    .iter()
+                    .map(|d| d.parse())
+                    .collect::<Result<_, _>>()?,
+            )
+        },
     };
     let config = api::config::build(args.config.as_deref(), overrides)?;
     // Validation left exactly one of the two.
@@ -249,6 +263,9 @@ fn resolve_config(args: &RunArgs) -> Result<VmConfig, InputError> {
     }
     if let Some(initramfs) = &config.payload.initramfs {
         check_readable("initramfs", initramfs)?;
+    }
+    for disk in &config.disks {
+        check_disk(&disk.path)?;
     }
     Ok(config)
 }
@@ -267,6 +284,25 @@ fn check_readable(what: &'static str, path: &Path) -> Result<(), InputError> {
     if !meta.is_file() {
         return Err(InputError::NotAFile {
             what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// A disk image must open (a block device is fine too); read-write access is checked when the
+/// VM is built.
+fn check_disk(path: &Path) -> Result<(), InputError> {
+    let meta = File::open(path)
+        .and_then(|f| f.metadata())
+        .map_err(|source| InputError::Unreadable {
+            what: "disk image",
+            path: path.to_owned(),
+            source,
+        })?;
+    if meta.is_dir() {
+        return Err(InputError::NotAFile {
+            what: "disk image",
             path: path.to_owned(),
         });
     }

@@ -255,3 +255,47 @@ fn firmware_bad_input() {
         "payload.cmdline needs a kernel",
     );
 }
+
+#[test]
+fn disk_bad_input() {
+    let s = Scratch::new("disk");
+    let kernel = s.file("vmlinux", "");
+    let img = s.file("disk.img", "");
+    let run = |disk: &str, needle: &str| {
+        assert_bad_input(&["run", "--kernel", &kernel, "--disk", disk], needle);
+    };
+    run(
+        "path=/nonexistent/disk.img",
+        "Cannot read disk image /nonexistent/disk.img",
+    );
+    run("path=/", "The disk image / is not a regular file");
+    run("readonly=on", "--disk: `path` is required (path=...)");
+    run("path=", "--disk: Invalid path=");
+    run(
+        &format!("path={img},readonly=yes"),
+        "--disk: Invalid readonly=yes: Expected on or off",
+    );
+    run(&format!("path={img},ro"), "--disk: Unknown key `ro`");
+    run(
+        &format!("path={img},serial=123456789012345678901"),
+        "A disk serial is 21 bytes long; at most 20 fit",
+    );
+    // Repeatable, and shown by --dry-run.
+    let out = manifold(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--disk",
+        &format!("path={img},serial=a"),
+        "--disk",
+        &format!("path={img},readonly=on,direct=on"),
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let disks = json["disks"].as_array().expect("disks");
+    assert_eq!(disks.len(), 2);
+    assert_eq!(disks[0]["serial"], "a");
+    assert_eq!(disks[1]["readonly"], true);
+    assert_eq!(disks[1]["direct"], true);
+}

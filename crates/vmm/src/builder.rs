@@ -17,9 +17,11 @@ use event_manager::MutEventSubscriber;
 
 use crate::control::Control;
 use crate::cpu;
+use crate::interrupts::GsiRouting;
 use crate::layout;
 use crate::serial_input::SerialInput;
 use crate::vcpu::Vcpu;
+use crate::virtio_pci::{BarAllocator, VirtioPci};
 use crate::vm::Vm;
 use crate::{Error, boot, firmware, mptable};
 
@@ -76,7 +78,19 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
     // Devices go on it with `add_device`; it lives as long as the buses.
-    let _pci = add_pci_root(&vm, &pio, &mmio)?;
+    let pci = add_pci_root(&vm, &pio, &mmio)?;
+    // One routing table per VM: every MSI-X vector of every function gets a GSI from it.
+    let routing = GsiRouting::new(vm.shared_fd());
+    let mut bars = BarAllocator::new(mem_size);
+    let mut virtio = VirtioPci {
+        root: &pci,
+        routing: &routing,
+        mem: &mem,
+        bars: &mut bars,
+    };
+    for notifier in virtio.add_disks(&config.disks)? {
+        subscribers.push(Arc::new(Mutex::new(notifier)));
+    }
     let base_cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(ncpus));
     for id in 0..ncpus {

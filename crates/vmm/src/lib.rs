@@ -16,6 +16,7 @@ pub mod layout;
 pub mod mptable;
 pub mod serial_input;
 pub mod vcpu;
+pub mod virtio_pci;
 pub mod vm;
 
 use api::{OnReboot, VmConfig};
@@ -52,6 +53,8 @@ pub enum Error {
     Firmware(#[from] firmware::FirmwareError),
     #[error("Cannot open serial output {0}")]
     SerialFile(std::path::PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    VirtioPci(#[from] virtio_pci::VirtioPciWiringError),
     #[error("Cannot place device on the bus")]
     Bus(#[from] devices::bus::BusError),
     #[error("Event loop failed: {0:?}")]
@@ -67,6 +70,7 @@ impl Error {
         match self {
             Error::Config(_) | Error::SerialFile(..) => true,
             Error::Boot(e) => e.is_bad_input(),
+            Error::VirtioPci(e) => e.is_bad_input(),
             Error::Firmware(e) => e.is_bad_input(),
             _ => false,
         }

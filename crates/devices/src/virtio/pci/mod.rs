@@ -355,6 +355,8 @@ impl VirtioPciDevice {
             return;
         }
         if self.common.driver_ok() {
+            // The slow path (an exit per kick): worth seeing when ioeventfds were expected.
+            tracing::debug!(queue, "virtio-pci: queue notify through an MMIO exit");
             lock(&self.device).process_queue(queue as u16);
         }
     }
