@@ -22,7 +22,9 @@
 //!    [`VirtioDevice::reset`], which the transport calls when the driver writes 0 to the status.
 
 pub mod block;
+pub mod console;
 pub mod dma;
+pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;

@@ -1,0 +1,759 @@
+//! virtio-net (virtio 1.2, 5.1) with one receive/transmit queue pair over a tap.
+//!
+//! Frames keep the guest's 12-byte `virtio_net_hdr_v1` on the way through: the tap is opened
+//! with a vnet header of that size, so checksum and segmentation offloads pass between the guest
+//! and the host kernel untouched. The device copies each frame once, between guest buffers and
+//! one reused buffer per direction, and never allocates per frame.
+//!
+//! How the VMM drives it, besides the transport ([`VirtioDevice`]):
+//!
+//! - Watch [`Net::backend_fd`] (the tap) for input, **edge-triggered**, and call
+//!   [`Net::process_backend`] when it fires. The device reads the tap only while the guest has
+//!   receive buffers, then stops with frames left in the kernel's queue: a level-triggered watch
+//!   would spin.
+//! - Queue notifications go to [`VirtioDevice::process_queue`] as for every device: queue 0
+//!   (receive) means the guest posted buffers, and the device goes back to reading the tap.
+//!
+//! Receiving: a frame is read only when at least one receive chain is available. With
+//! `VIRTIO_NET_F_MRG_RXBUF` a frame is spread over as many chains as it needs (their number goes
+//! in the header's `num_buffers`); if the guest has not posted enough yet, the frame waits in
+//! the device and the chains go back to the available ring until it posts more. Without it,
+//! each chain must hold a whole frame; a frame bigger than the chain is dropped and the chain
+//! serves the next one.
+
+mod tap;
+#[cfg(test)]
+mod tests;
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::offset_of;
+use std::num::Wrapping;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_S_LINK_UP, virtio_net_config,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+pub use tap::{Tap, TapError};
+
+use super::dma::{Access, DmaMemory, DmaRange};
+use super::features::bit;
+use super::queue::QueueError;
+use super::{ActivateError, DmaSnapshot, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
+
+/// Size of `virtio_net_hdr_v1`, the header before every frame (VERSION_1 layout, with
+/// `num_buffers`), in guest buffers and on the tap alike.
+pub const VNET_HDR_LEN: usize = 12;
+/// Offset of `num_buffers` in the header.
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// An Ethernet header: anything shorter is not a frame.
+const ETH_HLEN: usize = 14;
+/// Largest header + frame in either direction: a 64 KiB segmentation-offload frame with its
+/// Ethernet and VLAN headers (the figure QEMU, Firecracker and Cloud Hypervisor use).
+pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 65550;
+
+/// Queue indices.
+pub const RX_QUEUE: u16 = 0;
+pub const TX_QUEUE: u16 = 1;
+/// Largest size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Descriptors one chain may have (the iterator stops at the queue size anyway; an indirect
+/// table could be longer).
+const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
+
+/// Config space through `mtu`: `speed`, `duplex` and the RSS fields are for features not
+/// offered.
+const CONFIG_LEN: usize = offset_of!(virtio_net_config, speed);
+
+/// Where a frame goes to and comes from. Frames start with a [`VNET_HDR_LEN`]-byte
+/// `virtio_net_hdr_v1`. Reads and writes are nonblocking and move one frame each.
+pub trait NetBackend: AsRawFd + Send {
+    /// Read one frame; `WouldBlock` when there is none.
+    fn read_frame(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize>;
+    /// Write one frame.
+    fn write_frame(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Which `TUN_F_*` offloads frames read from the backend may leave to the guest.
+    fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+}
+
+/// What the device shows the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The guest's MAC address; without one the driver makes one up.
+    pub mac: Option<[u8; 6]>,
+    /// MTU to advise the driver (`VIRTIO_NET_F_MTU`), in bytes of Ethernet payload.
+    pub mtu: Option<u16>,
+}
+
+/// Counters, for logs and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Malformed chains, refused offloads, backend write failures.
+    pub tx_dropped: u64,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    /// Frames that could not fit the guest's buffers, or runts from the backend.
+    pub rx_dropped: u64,
+    /// Receive chains returned unused because they were malformed.
+    pub rx_bad_chains: u64,
+}
+
+/// The guest's feature choices that frame handling depends on.
+#[derive(Clone, Copy, Debug)]
+struct Negotiated {
+    mrg_rxbuf: bool,
+    guest_csum: bool,
+    acked: u64,
+}
+
+pub struct Net<B: NetBackend = Tap> {
+    common: VirtioCommon,
+    backend: B,
+    config: [u8; CONFIG_LEN],
+    rx: Rx,
+    /// Transmit frames are gathered here from guest memory (allocated once).
+    tx_buf: Vec<u8>,
+    stats: NetStats,
+}
+
+impl<B: NetBackend> std::fmt::Debug for Net<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("common", &self.common)
+            .field("backend_fd", &self.backend.as_raw_fd())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// The `TUN_F_*` offloads to ask of the tap for the guest's receive features: what the guest
+/// accepts with partial checksums or unsegmented.
+fn tap_offload(acked: u64) -> u32 {
+    let has = |f: u32| acked & bit(f) != 0;
+    let mut flags = 0;
+    // The kernel refuses TSO without checksum offload, as the spec makes GUEST_TSO depend on
+    // GUEST_CSUM.
+    if has(VIRTIO_NET_F_GUEST_CSUM) {
+        flags |= libc::TUN_F_CSUM;
+        if has(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if has(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= libc::TUN_F_TSO6;
+        }
+        if has(VIRTIO_NET_F_GUEST_ECN) && flags & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0 {
+            flags |= libc::TUN_F_TSO_ECN;
+        }
+    }
+    flags
+}
+
+impl<B: NetBackend> Net<B> {
+    pub fn new(backend: B, cfg: NetConfig) -> Self {
+        let mut features = bit(VIRTIO_NET_F_STATUS)
+            | bit(VIRTIO_NET_F_CSUM)
+            | bit(VIRTIO_NET_F_HOST_TSO4)
+            | bit(VIRTIO_NET_F_HOST_TSO6)
+            | bit(VIRTIO_NET_F_HOST_ECN)
+            | bit(VIRTIO_NET_F_GUEST_CSUM)
+            | bit(VIRTIO_NET_F_GUEST_TSO4)
+            | bit(VIRTIO_NET_F_GUEST_TSO6)
+            | bit(VIRTIO_NET_F_GUEST_ECN)
+            | bit(VIRTIO_NET_F_MRG_RXBUF);
+        let mut config = [0u8; CONFIG_LEN];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            config[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        if let Some(mac) = cfg.mac {
+            features |= bit(VIRTIO_NET_F_MAC);
+            put(offset_of!(virtio_net_config, mac), &mac);
+        }
+        if let Some(mtu) = cfg.mtu {
+            features |= bit(VIRTIO_NET_F_MTU);
+            put(offset_of!(virtio_net_config, mtu), &mtu.to_le_bytes());
+        }
+        // The link is up for as long as the tap is open.
+        put(
+            offset_of!(virtio_net_config, status),
+            &(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_net_config, max_virtqueue_pairs),
+            &1u16.to_le_bytes(),
+        );
+        Self {
+            common: VirtioCommon::new(VIRTIO_ID_NET, vec![QUEUE_SIZE; 2], features),
+            backend,
+            config,
+            rx: Rx::new(),
+            tx_buf: vec![0; MAX_FRAME_LEN],
+            stats: NetStats::default(),
+        }
+    }
+
+    /// The backend's fd (the tap): watch it for input, edge-triggered, and call
+    /// [`Net::process_backend`].
+    pub fn backend_fd(&self) -> RawFd {
+        self.backend.as_raw_fd()
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    fn negotiated(&self) -> Negotiated {
+        Negotiated {
+            mrg_rxbuf: self.common.has_feature(bit(VIRTIO_NET_F_MRG_RXBUF)),
+            guest_csum: self.common.has_feature(bit(VIRTIO_NET_F_GUEST_CSUM)),
+            acked: self.common.acked_features(),
+        }
+    }
+
+    /// The backend has input: move frames into the guest's receive buffers until the backend
+    /// is empty or the guest has no buffers left. Does nothing while inactive.
+    pub fn process_backend(&mut self) {
+        self.process_rx();
+    }
+
+    fn process_rx(&mut self) {
+        let neg = self.negotiated();
+        let Self {
+            common,
+            backend,
+            rx,
+            stats,
+            ..
+        } = self;
+        let device_type = common.device_type();
+        // The receive queue is not served chain by chain (a frame may take several chains, or
+        // wait for them), so it is driven here rather than through VirtioCommon::process_queue.
+        let Some(active) = common.active.as_mut() else {
+            return;
+        };
+        if active.broken {
+            return;
+        }
+        let Some(queue) = active.queues.get_mut(usize::from(RX_QUEUE)) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        let snapshot = active.dma.snapshot();
+        let mut used = false;
+        let result = rx
+            .run(queue, &snapshot, backend, neg, stats, &mut used)
+            .and_then(|()| {
+                if used {
+                    queue
+                        .needs_notification(snapshot.memory())
+                        .map_err(QueueError::Ring)
+                } else {
+                    Ok(false)
+                }
+            });
+        match result {
+            Ok(true) => active.interrupt.signal_queue(RX_QUEUE),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(
+                    device = device_type,
+                    queue = RX_QUEUE,
+                    "virtio queue fault, device needs reset: {e}"
+                );
+                active.broken = true;
+                active.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    fn process_tx(&mut self) {
+        let neg = self.negotiated();
+        let Self {
+            common,
+            backend,
+            tx_buf,
+            stats,
+            ..
+        } = self;
+        common.process_queue(TX_QUEUE, |dma, chain| {
+            match transmit(dma, chain, tx_buf, backend, neg) {
+                Ok(len) => {
+                    stats.tx_frames += 1;
+                    stats.tx_bytes += len as u64;
+                }
+                Err(e) => {
+                    stats.tx_dropped += 1;
+                    tracing::debug!("virtio-net: transmit frame dropped: {e}");
+                }
+            }
+            // The device writes nothing into a transmit chain.
+            0
+        });
+    }
+}
+
+/// Why a transmit chain was not sent.
+#[derive(Debug, thiserror::Error)]
+enum TxDrop {
+    #[error("empty chain")]
+    Empty,
+    #[error("chain cut short (loop, bad next index or indirect table)")]
+    Truncated,
+    #[error("writable descriptor in a transmit chain")]
+    WrongDirection,
+    #[error("more than {MAX_DESCRIPTORS} descriptors")]
+    TooManyDescriptors,
+    #[error("frame longer than {MAX_FRAME_LEN} bytes with its header")]
+    TooLong,
+    #[error("{0} bytes is too short for a header and an Ethernet frame")]
+    TooShort(usize),
+    #[error("buffer not readable")]
+    Dma(#[source] super::DmaError),
+    #[error("offload (flags {flags:#x}, gso_type {gso_type:#x}) the driver did not negotiate")]
+    Offload { flags: u8, gso_type: u8 },
+    #[error("backend write failed")]
+    Backend(#[source] io::Error),
+    #[error("backend took {written} of {len} bytes")]
+    Short { written: usize, len: usize },
+}
+
+/// Whether the header asks for offloads the driver negotiated (virtio 1.2, 5.1.6.2.1).
+fn offload_allowed(hdr: &[u8], acked: u64) -> bool {
+    let has = |f: u32| acked & bit(f) != 0;
+    let (flags, gso_type) = (u32::from(hdr[0]), u32::from(hdr[1]));
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && !has(VIRTIO_NET_F_CSUM) {
+        return false;
+    }
+    if gso_type & VIRTIO_NET_HDR_GSO_ECN != 0 && !has(VIRTIO_NET_F_HOST_ECN) {
+        return false;
+    }
+    match gso_type & !VIRTIO_NET_HDR_GSO_ECN {
+        VIRTIO_NET_HDR_GSO_NONE => true,
+        VIRTIO_NET_HDR_GSO_TCPV4 => has(VIRTIO_NET_F_HOST_TSO4),
+        VIRTIO_NET_HDR_GSO_TCPV6 => has(VIRTIO_NET_F_HOST_TSO6),
+        // UDP fragmentation and segmentation offloads are not offered.
+        _ => false,
+    }
+}
+
+/// Gather one transmit chain (header and frame, device-readable only) into `buf` and write it
+/// to the backend. Returns the frame's length with its header.
+fn transmit<B: NetBackend>(
+    dma: &DmaSnapshot,
+    chain: DescriptorChain<&DmaMemory>,
+    buf: &mut [u8],
+    backend: &mut B,
+    neg: Negotiated,
+) -> Result<usize, TxDrop> {
+    let mut len = 0usize;
+    let mut count = 0usize;
+    let mut has_next = false;
+    for desc in chain {
+        count += 1;
+        if count > MAX_DESCRIPTORS {
+            return Err(TxDrop::TooManyDescriptors);
+        }
+        has_next = desc.has_next();
+        if desc.is_write_only() {
+            return Err(TxDrop::WrongDirection);
+        }
+        let n = usize::try_from(desc.len()).map_err(|_| TxDrop::TooLong)?;
+        let dst = buf
+            .get_mut(len..len.saturating_add(n))
+            .ok_or(TxDrop::TooLong)?;
+        dma.read(desc.addr().0, dst).map_err(TxDrop::Dma)?;
+        len += n;
+    }
+    if count == 0 {
+        return Err(TxDrop::Empty);
+    }
+    if has_next {
+        return Err(TxDrop::Truncated);
+    }
+    if len < VNET_HDR_LEN + ETH_HLEN {
+        return Err(TxDrop::TooShort(len));
+    }
+    if !offload_allowed(&buf[..VNET_HDR_LEN], neg.acked) {
+        return Err(TxDrop::Offload {
+            flags: buf[0],
+            gso_type: buf[1],
+        });
+    }
+    loop {
+        match backend.write_frame(&[IoSlice::new(&buf[..len])]) {
+            Ok(written) if written == len => return Ok(len),
+            Ok(written) => return Err(TxDrop::Short { written, len }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(TxDrop::Backend(e)),
+        }
+    }
+}
+
+/// Why a receive chain was returned unused.
+#[derive(Debug, thiserror::Error)]
+enum RxChainError {
+    #[error("empty chain")]
+    Empty,
+    #[error("chain cut short (loop, bad next index or indirect table)")]
+    Truncated,
+    #[error("readable descriptor in a receive chain")]
+    WrongDirection,
+    #[error("more than {MAX_DESCRIPTORS} descriptors")]
+    TooManyDescriptors,
+    #[error("{0} bytes cannot hold the {VNET_HDR_LEN}-byte header")]
+    TooSmall(usize),
+    #[error("buffer not writable")]
+    Dma(#[source] super::DmaError),
+}
+
+/// One receive chain taken for the frame being delivered.
+#[derive(Clone, Copy, Debug)]
+struct RxChain {
+    head: u16,
+    /// Its buffers: `Rx::ranges[first..end]`.
+    first: usize,
+    end: usize,
+    capacity: usize,
+}
+
+/// What became of the frame in `Rx::buf`.
+enum Delivery {
+    Done,
+    /// Not enough buffers yet: the chains taken went back, the frame waits.
+    Wait,
+    Dropped(&'static str),
+}
+
+/// Receive-side state, all reused from frame to frame.
+struct Rx {
+    /// The frame read from the backend (header first).
+    buf: Vec<u8>,
+    /// Length of the frame in `buf` waiting for guest buffers; 0 when there is none.
+    pending: usize,
+    chains: Vec<RxChain>,
+    ranges: Vec<DmaRange>,
+    /// Malformed chains found after the first good one of a frame: returned (length 0) when
+    /// the frame is, so that the frame's chains stay together in the used ring.
+    held_bad: Vec<u16>,
+}
+
+impl Rx {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; MAX_FRAME_LEN],
+            pending: 0,
+            chains: Vec::new(),
+            ranges: Vec::new(),
+            held_bad: Vec::new(),
+        }
+    }
+
+    fn run<B: NetBackend>(
+        &mut self,
+        queue: &mut Queue,
+        dma: &DmaSnapshot,
+        backend: &mut B,
+        neg: Negotiated,
+        stats: &mut NetStats,
+        used: &mut bool,
+    ) -> Result<(), QueueError> {
+        let mem = dma.memory();
+        // Kicks are only wanted when the device runs out of buffers (see buffers_available).
+        queue.disable_notification(mem).map_err(QueueError::Ring)?;
+        loop {
+            if self.pending == 0 {
+                // Read only what the guest can take: frames stay in the kernel's queue.
+                if !buffers_available(queue, mem)? {
+                    return Ok(());
+                }
+                match backend.read_frame(&mut [IoSliceMut::new(&mut self.buf)]) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) if n < VNET_HDR_LEN + ETH_HLEN => {
+                        stats.rx_dropped += 1;
+                        tracing::debug!(len = n, "virtio-net: runt frame from the backend dropped");
+                        continue;
+                    }
+                    Ok(n) => self.pending = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!("virtio-net: backend read failed: {e}");
+                        return Ok(());
+                    }
+                }
+                if !neg.guest_csum {
+                    // Without GUEST_CSUM the header flags must be zero (5.1.6.4).
+                    self.buf[0] = 0;
+                }
+            }
+            match self.deliver(queue, dma, neg.mrg_rxbuf, stats, used)? {
+                Delivery::Done => {
+                    stats.rx_frames += 1;
+                    stats.rx_bytes += self.pending as u64;
+                    self.pending = 0;
+                }
+                Delivery::Wait => return Ok(()),
+                Delivery::Dropped(why) => {
+                    stats.rx_dropped += 1;
+                    tracing::debug!(
+                        len = self.pending,
+                        "virtio-net: received frame dropped: {why}"
+                    );
+                    self.pending = 0;
+                }
+            }
+        }
+    }
+
+    /// Put the pending frame into the guest's receive chains.
+    fn deliver(
+        &mut self,
+        queue: &mut Queue,
+        dma: &DmaSnapshot,
+        mrg_rxbuf: bool,
+        stats: &mut NetStats,
+        used: &mut bool,
+    ) -> Result<Delivery, QueueError> {
+        let mem = dma.memory();
+        let size = queue.size();
+        let frame_len = self.pending;
+        self.chains.clear();
+        self.ranges.clear();
+        self.held_bad.clear();
+        // Where to rewind the available ring if the frame cannot go now.
+        let mut start = queue.next_avail();
+        let mut capacity = 0usize;
+        while capacity < frame_len {
+            if (Wrapping(queue.next_avail()) - Wrapping(start)).0 >= size {
+                // Every buffer the ring can hold is not enough: the frame can never go.
+                queue.set_next_avail(start);
+                return Ok(Delivery::Dropped("larger than the whole receive ring"));
+            }
+            if !buffers_available(queue, mem)? {
+                queue.set_next_avail(start);
+                return Ok(Delivery::Wait);
+            }
+            let index = queue.next_avail();
+            let chain = queue
+                .pop_descriptor_chain(mem)
+                .ok_or(QueueError::AvailEntry { index })?;
+            let head = chain.head_index();
+            if head >= size {
+                return Err(QueueError::BadHead { head, size });
+            }
+            let first = self.ranges.len();
+            match parse_rx_chain(chain, dma, &mut self.ranges) {
+                Err(e) => {
+                    self.ranges.truncate(first);
+                    stats.rx_bad_chains += 1;
+                    tracing::debug!(head, "virtio-net: receive chain returned unused: {e}");
+                    if self.chains.is_empty() {
+                        queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
+                        *used = true;
+                        start = queue.next_avail();
+                    } else {
+                        self.held_bad.push(head);
+                    }
+                }
+                Ok(chain_capacity) => {
+                    if !mrg_rxbuf && chain_capacity < frame_len {
+                        // The driver sized its buffers for the largest frame it accepts; the
+                        // chain is fine for the next one.
+                        queue.set_next_avail(start);
+                        return Ok(Delivery::Dropped("larger than the receive buffer"));
+                    }
+                    self.chains.push(RxChain {
+                        head,
+                        first,
+                        end: self.ranges.len(),
+                        capacity: chain_capacity,
+                    });
+                    capacity = capacity.saturating_add(chain_capacity);
+                }
+            }
+        }
+
+        // At most a queue's worth of chains: num_buffers fits.
+        let num_buffers = u16::try_from(self.chains.len()).unwrap_or(u16::MAX);
+        self.buf[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
+        for &head in &self.held_bad {
+            queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
+        }
+        let mut offset = 0usize;
+        for c in &self.chains {
+            let take = c.capacity.min(frame_len - offset);
+            let mut pos = offset;
+            let end = offset + take;
+            for r in &self.ranges[c.first..c.end] {
+                if pos == end {
+                    break;
+                }
+                let n = usize::try_from(r.len).unwrap_or(usize::MAX).min(end - pos);
+                // parse_rx_chain checked the range in this snapshot: this cannot fail.
+                if let Err(e) = dma.write(r.addr, &self.buf[pos..pos + n]) {
+                    tracing::debug!("virtio-net: receive buffer write failed: {e}");
+                }
+                pos += n;
+            }
+            // take <= MAX_FRAME_LEN.
+            let len = u32::try_from(take).unwrap_or(u32::MAX);
+            queue.add_used(mem, c.head, len).map_err(QueueError::Ring)?;
+            offset = end;
+        }
+        *used = true;
+        Ok(Delivery::Done)
+    }
+}
+
+/// Whether the driver has made a chain available. When it has not, ask it to notify the device
+/// when it does (with EVENT_IDX: at the next buffer), then look once more, since it may have
+/// added one before it could see the request.
+fn buffers_available(queue: &mut Queue, mem: &DmaMemory) -> Result<bool, QueueError> {
+    let size = queue.size();
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(QueueError::Ring)?;
+    let pending = (avail - Wrapping(queue.next_avail())).0;
+    if pending > size {
+        return Err(QueueError::TooManyAvailable { pending, size });
+    }
+    if pending > 0 {
+        return Ok(true);
+    }
+    if queue.enable_notification(mem).map_err(QueueError::Ring)? {
+        queue.disable_notification(mem).map_err(QueueError::Ring)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Check a receive chain (device-writable buffers only, every one reachable) and append its
+/// buffers to `ranges`. Returns its capacity, counted up to [`MAX_FRAME_LEN`].
+fn parse_rx_chain(
+    chain: DescriptorChain<&DmaMemory>,
+    dma: &DmaSnapshot,
+    ranges: &mut Vec<DmaRange>,
+) -> Result<usize, RxChainError> {
+    let mut capacity = 0usize;
+    let mut count = 0usize;
+    let mut has_next = false;
+    for desc in chain {
+        count += 1;
+        if count > MAX_DESCRIPTORS {
+            return Err(RxChainError::TooManyDescriptors);
+        }
+        has_next = desc.has_next();
+        if !desc.is_write_only() {
+            return Err(RxChainError::WrongDirection);
+        }
+        if capacity >= MAX_FRAME_LEN || desc.len() == 0 {
+            // Buffers past what any frame needs are never written: no need to check them.
+            continue;
+        }
+        let len = u64::from(desc.len()).min((MAX_FRAME_LEN - capacity) as u64);
+        let addr = desc.addr().0;
+        dma.check(addr, len, Access::Write)
+            .map_err(RxChainError::Dma)?;
+        ranges.push(DmaRange { addr, len });
+        // len <= MAX_FRAME_LEN - capacity.
+        capacity += usize::try_from(len).unwrap_or(MAX_FRAME_LEN);
+    }
+    if count == 0 {
+        return Err(RxChainError::Empty);
+    }
+    if has_next {
+        return Err(RxChainError::Truncated);
+    }
+    if capacity < VNET_HDR_LEN {
+        return Err(RxChainError::TooSmall(capacity));
+    }
+    Ok(capacity)
+}
+
+impl<B: NetBackend> VirtioDevice for Net<B> {
+    fn device_type(&self) -> u32 {
+        self.common.device_type()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common.queue_max_sizes()
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.common.offered_features()
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.common.acked_features()
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.common.ack_features(features);
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is writable only by legacy drivers; every other field is read-only.
+        tracing::debug!(offset, len = data.len(), "virtio-net: config write ignored");
+    }
+
+    fn activate(
+        &mut self,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        dma: DmaSpace,
+    ) -> Result<(), ActivateError> {
+        self.common.activate(queues, interrupt, dma)?;
+        let flags = tap_offload(self.common.acked_features());
+        if let Err(e) = self.backend.set_offload(flags) {
+            // Offloads only permit the kernel to hand over unfinished frames; without them it
+            // finishes each one itself, which the guest accepts too.
+            tracing::warn!(
+                flags,
+                "virtio-net: cannot set tap offloads, going without: {e}"
+            );
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.common.reset();
+        self.rx.pending = 0;
+        if let Err(e) = self.backend.set_offload(0) {
+            tracing::debug!("virtio-net: cannot clear tap offloads: {e}");
+        }
+    }
+
+    fn process_queue(&mut self, queue: u16) {
+        match queue {
+            RX_QUEUE => self.process_rx(),
+            TX_QUEUE => self.process_tx(),
+            _ => tracing::debug!(
+                queue,
+                "virtio-net: notification for a queue that does not exist"
+            ),
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        self.common.is_active()
+    }
+}

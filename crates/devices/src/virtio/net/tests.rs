@@ -1,0 +1,939 @@
+//! virtio-net driven the way a guest driver would: both queues laid out in real guest memory
+//! with virtio-queue's mock, frames going to and coming from a datagram socket that stands in
+//! for the tap (one datagram, one frame with its vnet header), and a real tap in a network
+//! namespace when the tests run as root.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::Queue;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::virtio::dma::PhysMemory;
+use crate::virtio::features;
+use crate::virtio::testutil::{Desc, RecordingInterrupt, test_memory};
+
+/// Rings: receive queue at 0, transmit queue at 0x4000; buffers from 0x10000.
+const RX_RING: u64 = 0;
+const TX_RING: u64 = 0x4000;
+const BUF: u64 = 0x10000;
+/// An address in the hole between the two test memory regions.
+const HOLE: u64 = 0x18_0000;
+
+/// The driver's side of one split queue at `base`.
+struct Ring<'a> {
+    mem: &'a PhysMemory,
+    mock: MockSplitQueue<'a, PhysMemory>,
+    size: u16,
+    next_desc: u16,
+    avail_idx: u16,
+}
+
+impl<'a> Ring<'a> {
+    fn new(mem: &'a PhysMemory, base: u64, size: u16) -> Self {
+        Self {
+            mem,
+            mock: MockSplitQueue::create(mem, GuestAddress(base), size),
+            size,
+            next_desc: 0,
+            avail_idx: 0,
+        }
+    }
+
+    fn queue(&self) -> Queue {
+        self.mock.create_queue().expect("mock queue")
+    }
+
+    fn write_raw(&mut self, index: u16, d: Descriptor) {
+        self.mock
+            .desc_table()
+            .store(index, RawDescriptor::from(d))
+            .expect("descriptor index");
+        if index >= self.next_desc {
+            self.next_desc = (index + 1) % self.size;
+        }
+    }
+
+    fn add(&mut self, descs: &[Desc]) -> u16 {
+        let head = self.next_desc;
+        for (i, d) in descs.iter().enumerate() {
+            let index = (head + i as u16) % self.size;
+            let mut flags = if d.write { VRING_DESC_F_WRITE } else { 0 };
+            if i + 1 < descs.len() {
+                flags |= VRING_DESC_F_NEXT;
+            }
+            let next = (index + 1) % self.size;
+            self.write_raw(index, Descriptor::new(d.addr, d.len, flags as u16, next));
+        }
+        self.next_desc = (head + descs.len() as u16) % self.size;
+        self.publish(head);
+        head
+    }
+
+    fn publish(&mut self, head: u16) {
+        let slot = usize::from(self.avail_idx % self.size);
+        self.mock
+            .avail()
+            .ring()
+            .ref_at(slot)
+            .expect("avail slot")
+            .store(head.to_le());
+        self.set_avail_idx(self.avail_idx.wrapping_add(1));
+    }
+
+    fn set_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.mock.avail().idx().store(idx.to_le());
+    }
+
+    fn used_idx(&self) -> u16 {
+        u16::from_le(self.mock.used().idx().load())
+    }
+
+    /// Used ring entry `i`: (head, length).
+    fn used(&self, i: u16) -> (u16, u32) {
+        let e: VirtqUsedElem = self
+            .mock
+            .used()
+            .ring()
+            .ref_at(usize::from(i % self.size))
+            .expect("used slot")
+            .load();
+        (e.id() as u16, e.len())
+    }
+
+    /// The device's `avail_event` (EVENT_IDX): the driver kicks when it passes this index.
+    fn avail_event(&self) -> u16 {
+        let addr = self.mock.used_addr().0 + 4 + 8 * u64::from(self.size);
+        u16::from_le(self.mem.read_obj(GuestAddress(addr)).unwrap())
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+}
+
+/// A datagram socket as the backend: the test holds the peer.
+struct SockBackend {
+    sock: UnixDatagram,
+    reads: Arc<AtomicUsize>,
+    offload: Arc<AtomicU32>,
+}
+
+impl AsRawFd for SockBackend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+impl NetBackend for SockBackend {
+    fn read_frame(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.sock.recv(&mut bufs[0])
+    }
+
+    fn write_frame(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        self.sock.send(&all)
+    }
+
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        self.offload.store(flags, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct Setup<'a> {
+    rx: Ring<'a>,
+    tx: Ring<'a>,
+    dev: Net<SockBackend>,
+    peer: UnixDatagram,
+    irq: Arc<RecordingInterrupt>,
+    reads: Arc<AtomicUsize>,
+    offload: Arc<AtomicU32>,
+}
+
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+fn device() -> (
+    Net<SockBackend>,
+    UnixDatagram,
+    Arc<AtomicUsize>,
+    Arc<AtomicU32>,
+) {
+    let (sock, peer) = UnixDatagram::pair().unwrap();
+    sock.set_nonblocking(true).unwrap();
+    peer.set_nonblocking(true).unwrap();
+    let reads = Arc::new(AtomicUsize::new(0));
+    let offload = Arc::new(AtomicU32::new(u32::MAX));
+    let backend = SockBackend {
+        sock,
+        reads: reads.clone(),
+        offload: offload.clone(),
+    };
+    let cfg = NetConfig {
+        mac: Some(MAC),
+        mtu: Some(1500),
+    };
+    (Net::new(backend, cfg), peer, reads, offload)
+}
+
+impl<'a> Setup<'a> {
+    /// An active device with queues of `size` and `features` accepted (plus VERSION_1).
+    fn new(mem: &'a PhysMemory, size: u16, features: u64) -> Self {
+        let (mut dev, peer, reads, offload) = device();
+        let rx = Ring::new(mem, RX_RING, size);
+        let tx = Ring::new(mem, TX_RING, size);
+        let irq = Arc::new(RecordingInterrupt::default());
+        dev.ack_features(features | features::VERSION_1);
+        dev.activate(
+            vec![rx.queue(), tx.queue()],
+            irq.clone(),
+            DmaSpace::identity(mem.clone()),
+        )
+        .unwrap();
+        Self {
+            rx,
+            tx,
+            dev,
+            peer,
+            irq,
+            reads,
+            offload,
+        }
+    }
+
+    /// Everything offered, or everything but MRG_RXBUF.
+    fn with_mrg(mem: &'a PhysMemory, mrg: bool) -> Self {
+        let (d, ..) = device();
+        let mut f = d.offered_features();
+        if !mrg {
+            f &= !bit(VIRTIO_NET_F_MRG_RXBUF);
+        }
+        Self::new(mem, QUEUE_SIZE, f)
+    }
+
+    /// Frames the device wrote to the backend so far.
+    fn sent(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; MAX_FRAME_LEN + 100];
+        while let Ok(n) = self.peer.recv(&mut buf) {
+            out.push(buf[..n].to_vec());
+        }
+        out
+    }
+
+    /// Send one transmit chain and process it; returns (used length, frames on the backend).
+    fn transmit(&mut self, descs: &[Desc]) -> (u32, Vec<Vec<u8>>) {
+        let before = self.tx.used_idx();
+        self.tx.add(descs);
+        self.dev.process_queue(TX_QUEUE);
+        assert_eq!(self.tx.used_idx(), before.wrapping_add(1), "chain returned");
+        (self.tx.used(before).1, self.sent())
+    }
+}
+
+/// A header with `flags` and `gso_type`, num_buffers 0.
+fn hdr(flags: u8, gso_type: u8) -> [u8; VNET_HDR_LEN] {
+    let mut h = [0u8; VNET_HDR_LEN];
+    h[0] = flags;
+    h[1] = gso_type;
+    h
+}
+
+/// An Ethernet frame of `len` bytes: broadcast, an experimental ethertype, a pattern.
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut f: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    f[..6].fill(0xff);
+    f[6..12].copy_from_slice(&MAC);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    f
+}
+
+fn with_hdr(h: [u8; VNET_HDR_LEN], f: &[u8]) -> Vec<u8> {
+    let mut v = h.to_vec();
+    v.extend_from_slice(f);
+    v
+}
+
+#[test]
+fn config_space_and_features() {
+    let (dev, ..) = device();
+    assert_eq!(dev.device_type(), VIRTIO_ID_NET);
+    assert_eq!(dev.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
+    let offered = dev.offered_features();
+    for f in [
+        VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_STATUS,
+        VIRTIO_NET_F_MTU,
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_MRG_RXBUF,
+    ] {
+        assert_ne!(offered & bit(f), 0, "feature {f}");
+    }
+    assert_eq!(offered & features::COMMON, features::COMMON);
+    // No control queue, no multiqueue: the device has exactly one queue pair.
+    assert_eq!(offered & bit(17), 0);
+    assert_eq!(offered & bit(22), 0);
+
+    let mut c = [0u8; 16];
+    dev.read_config(0, &mut c);
+    assert_eq!(&c[..6], &MAC);
+    assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1, "LINK_UP");
+    assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1, "max_virtqueue_pairs");
+    assert_eq!(u16::from_le_bytes([c[10], c[11]]), 1500, "mtu");
+    assert_eq!(&c[12..], &[0; 4], "past the end reads zero");
+    let mut one = [0u8; 1];
+    dev.read_config(u64::MAX, &mut one);
+    assert_eq!(one, [0]);
+
+    // Writes change nothing.
+    let mut dev = dev;
+    dev.write_config(0, &[1, 2, 3, 4, 5, 6]);
+    dev.read_config(0, &mut c);
+    assert_eq!(&c[..6], &MAC);
+
+    // Without a MAC or MTU, neither feature is offered.
+    let (sock, _peer) = UnixDatagram::pair().unwrap();
+    let plain = Net::new(
+        SockBackend {
+            sock,
+            reads: Arc::default(),
+            offload: Arc::default(),
+        },
+        NetConfig::default(),
+    );
+    assert_eq!(plain.offered_features() & bit(VIRTIO_NET_F_MAC), 0);
+    assert_eq!(plain.offered_features() & bit(VIRTIO_NET_F_MTU), 0);
+}
+
+#[test]
+fn tap_offloads_follow_the_guests_receive_features() {
+    let mem = test_memory();
+    let all = Setup::with_mrg(&mem, true);
+    assert_eq!(
+        all.offload.load(Ordering::SeqCst),
+        libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN
+    );
+    let mut s = Setup::new(
+        &mem,
+        16,
+        bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO6),
+    );
+    assert_eq!(
+        s.offload.load(Ordering::SeqCst),
+        libc::TUN_F_CSUM | libc::TUN_F_TSO6
+    );
+    s.dev.reset();
+    assert_eq!(s.offload.load(Ordering::SeqCst), 0);
+    assert!(!s.dev.is_active());
+    // TSO without checksum offload is not asked of the tap (the kernel would refuse it).
+    assert_eq!(tap_offload(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
+    assert_eq!(
+        tap_offload(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_ECN)),
+        libc::TUN_F_CSUM
+    );
+}
+
+#[test]
+fn transmitted_frame_reaches_the_backend_intact() {
+    let mem = test_memory();
+    let mut s = Setup::with_mrg(&mem, true);
+    let f = frame(1514, 3);
+    // Header in its own descriptor, the frame split over two more.
+    s.tx.write(BUF, &hdr(0, 0));
+    s.tx.write(BUF + 0x1000, &f[..600]);
+    s.tx.write(BUF + 0x3000, &f[600..]);
+    let (len, sent) = s.transmit(&[
+        Desc::r(BUF, 12),
+        Desc::r(BUF + 0x1000, 600),
+        Desc::r(BUF + 0x3000, 914),
+    ]);
+    assert_eq!(len, 0);
+    assert_eq!(sent, vec![with_hdr(hdr(0, 0), &f)]);
+    assert_eq!(s.irq.take_queues(), vec![TX_QUEUE]);
+
+    // Header and frame in one buffer, with a checksum offload request (CSUM negotiated).
+    let csum = with_hdr(hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, 0), &frame(60, 9));
+    s.tx.write(BUF, &csum);
+    let (_, sent) = s.transmit(&[Desc::r(BUF, csum.len() as u32)]);
+    assert_eq!(sent, vec![csum]);
+
+    // A TSO frame as big as they come.
+    let big = with_hdr(
+        hdr(
+            VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
+            VIRTIO_NET_HDR_GSO_TCPV4 as u8,
+        ),
+        &frame(MAX_FRAME_LEN - VNET_HDR_LEN, 1),
+    );
+    s.tx.write(BUF, &big);
+    let (_, sent) = s.transmit(&[Desc::r(BUF, big.len() as u32)]);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0], big);
+    let st = s.dev.stats();
+    assert_eq!((st.tx_frames, st.tx_dropped), (3, 0));
+}
+
+#[test]
+fn malformed_transmit_chains_are_dropped_and_returned() {
+    let mem = test_memory();
+    let mut s = Setup::new(&mem, QUEUE_SIZE, 0);
+    let good = with_hdr(hdr(0, 0), &frame(64, 0));
+    s.tx.write(BUF, &good);
+
+    let cases: Vec<Vec<Desc>> = vec![
+        // A writable descriptor.
+        vec![Desc::r(BUF, 12), Desc::w(BUF + 12, 64)],
+        // Too short for a header and an Ethernet header.
+        vec![Desc::r(BUF, 25)],
+        // Outside guest memory, and straddling the end of the first region.
+        vec![Desc::r(BUF, 12), Desc::r(HOLE, 64)],
+        vec![Desc::r(0xf_fff0, 64)],
+        // Longer than any frame.
+        vec![Desc::r(BUF, 40000), Desc::r(BUF, 40000)],
+        vec![Desc::r(BUF, u32::MAX)],
+    ];
+    for descs in &cases {
+        let (len, sent) = s.transmit(descs);
+        assert_eq!(len, 0);
+        assert!(sent.is_empty(), "{descs:?}");
+    }
+    // Offloads the driver did not negotiate (no CSUM, no HOST_TSO4).
+    for h in [
+        hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, 0),
+        hdr(0, VIRTIO_NET_HDR_GSO_TCPV4 as u8),
+        hdr(0, 3), // UDP
+        hdr(0, 0x77),
+    ] {
+        s.tx.write(BUF, &with_hdr(h, &frame(64, 0)));
+        let (_, sent) = s.transmit(&[Desc::r(BUF, good.len() as u32)]);
+        assert!(sent.is_empty());
+    }
+    // A loop: 2 descriptors pointing at each other.
+    let h = s.tx.next_desc;
+    s.tx.write_raw(h, Descriptor::new(BUF, 40, VRING_DESC_F_NEXT as u16, h + 1));
+    s.tx.write_raw(h + 1, Descriptor::new(BUF, 40, VRING_DESC_F_NEXT as u16, h));
+    s.tx.publish(h);
+    s.dev.process_queue(TX_QUEUE);
+    assert!(s.sent().is_empty());
+    assert_eq!(s.dev.stats().tx_dropped, cases.len() as u64 + 5);
+    assert!(!s.irq.needs_reset());
+
+    // The device is still fine.
+    s.tx.write(BUF, &good);
+    let (_, sent) = s.transmit(&[Desc::r(BUF, good.len() as u32)]);
+    assert_eq!(sent, vec![good]);
+}
+
+#[test]
+fn received_frame_lands_in_the_guests_buffer() {
+    let mem = test_memory();
+    let mut s = Setup::with_mrg(&mem, false);
+    let f = frame(100, 5);
+    s.peer
+        .send(&with_hdr(hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, 0), &f))
+        .unwrap();
+    // Header and data in separate buffers, as older drivers post them.
+    let head = s.rx.add(&[Desc::w(BUF, 12), Desc::w(BUF + 0x1000, 2048)]);
+    s.dev.process_backend();
+    assert_eq!(s.rx.used_idx(), 1);
+    assert_eq!(s.rx.used(0), (head, 112));
+    let mut want = hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, 0);
+    want[10] = 1; // num_buffers
+    assert_eq!(s.rx.read(BUF, 12), want);
+    assert_eq!(s.rx.read(BUF + 0x1000, 100), f);
+    assert_eq!(s.irq.take_queues(), vec![RX_QUEUE]);
+    let st = s.dev.stats();
+    assert_eq!((st.rx_frames, st.rx_bytes), (1, 112));
+}
+
+#[test]
+fn without_guest_csum_header_flags_are_cleared() {
+    let mem = test_memory();
+    let mut s = Setup::new(&mem, QUEUE_SIZE, 0);
+    s.peer.send(&with_hdr(hdr(2, 0), &frame(60, 1))).unwrap();
+    s.rx.add(&[Desc::w(BUF, 2048)]);
+    s.dev.process_backend();
+    assert_eq!(s.rx.read(BUF, 2), [0, 0]);
+}
+
+#[test]
+fn mergeable_buffers_spread_a_frame_over_chains() {
+    let mem = test_memory();
+    let mut s = Setup::with_mrg(&mem, true);
+    let heads = [
+        s.rx.add(&[Desc::w(BUF, 1024)]),
+        s.rx.add(&[Desc::w(BUF + 0x1000, 512), Desc::w(BUF + 0x2000, 512)]),
+        s.rx.add(&[Desc::w(BUF + 0x3000, 1024)]),
+        s.rx.add(&[Desc::w(BUF + 0x4000, 1024)]),
+    ];
+    let f = frame(3000, 7);
+    let sent = with_hdr(hdr(0, 0), &f);
+    s.peer.send(&sent).unwrap();
+    s.dev.process_backend();
+    assert_eq!(s.rx.used_idx(), 3);
+    assert_eq!(s.rx.used(0), (heads[0], 1024));
+    assert_eq!(s.rx.used(1), (heads[1], 1024));
+    assert_eq!(s.rx.used(2), (heads[2], 3012 - 2048));
+    let mut got = s.rx.read(BUF, 1024);
+    got.extend(s.rx.read(BUF + 0x1000, 512));
+    got.extend(s.rx.read(BUF + 0x2000, 512));
+    got.extend(s.rx.read(BUF + 0x3000, 964));
+    let mut want = sent.clone();
+    want[10] = 3; // num_buffers
+    assert_eq!(got, want);
+    assert_eq!(s.irq.take_queues(), vec![RX_QUEUE]);
+
+    // The fourth chain takes the next frame.
+    s.peer.send(&with_hdr(hdr(0, 0), &frame(60, 1))).unwrap();
+    s.dev.process_backend();
+    assert_eq!(s.rx.used(3), (heads[3], 72));
+    assert_eq!(s.rx.read(BUF + 0x4000 + 10, 2), [1, 0]);
+}
+
+#[test]
+fn no_receive_buffers_means_no_read() {
+    let mem = test_memory();
+    let mut s = Setup::new(&mem, QUEUE_SIZE, features::RING_EVENT_IDX);
+    let f = with_hdr(hdr(0, 0), &frame(80, 2));
+    s.peer.send(&f).unwrap();
+    s.dev.process_backend();
+    s.dev.process_queue(RX_QUEUE);
+    assert_eq!(s.reads.load(Ordering::SeqCst), 0, "tap not read");
+    assert_eq!(s.rx.used_idx(), 0);
+    // The driver is asked to kick at its next buffer.
+    assert_eq!(s.rx.avail_event(), 0);
+
+    // The guest posts a buffer and kicks: the frame arrives.
+    let head = s.rx.add(&[Desc::w(BUF, 2048)]);
+    s.dev.process_queue(RX_QUEUE);
+    assert_eq!(s.rx.used(0), (head, f.len() as u32));
+    assert_eq!(&s.rx.read(BUF + 12, 80), &f[12..]);
+    // And the tap was read until empty, then the ring was found empty again.
+    assert_eq!(s.rx.avail_event(), 1);
+    assert_eq!(s.dev.stats().rx_dropped, 0);
+}
+
+#[test]
+fn mergeable_frame_waits_for_enough_buffers() {
+    let mem = test_memory();
+    let mut s = Setup::new(
+        &mem,
+        QUEUE_SIZE,
+        bit(VIRTIO_NET_F_MRG_RXBUF) | features::RING_EVENT_IDX,
+    );
+    let sent = with_hdr(hdr(0, 0), &frame(3000, 4));
+    s.peer.send(&sent).unwrap();
+    let first = s.rx.add(&[Desc::w(BUF, 1024)]);
+    s.dev.process_backend();
+    assert_eq!(s.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(s.rx.used_idx(), 0, "frame waits");
+    assert_eq!(s.rx.avail_event(), 1, "kick wanted at the next buffer");
+    // More input does not get read while the frame waits.
+    s.peer.send(&with_hdr(hdr(0, 0), &frame(60, 1))).unwrap();
+    s.dev.process_backend();
+    assert_eq!(s.reads.load(Ordering::SeqCst), 1);
+
+    let second = s.rx.add(&[Desc::w(BUF + 0x1000, 1024)]);
+    s.dev.process_queue(RX_QUEUE);
+    assert_eq!(s.rx.used_idx(), 0, "still not enough");
+    let third = s.rx.add(&[Desc::w(BUF + 0x2000, 1024)]);
+    s.dev.process_queue(RX_QUEUE);
+    assert_eq!(s.rx.used_idx(), 3);
+    assert_eq!(
+        [s.rx.used(0), s.rx.used(1), s.rx.used(2)],
+        [(first, 1024), (second, 1024), (third, 964)]
+    );
+    assert_eq!(s.rx.read(BUF + 10, 2), [3, 0]);
+    assert_eq!(s.rx.read(BUF + 0x2000, 964), &sent[2048..]);
+    // The second frame stays in the backend until there is a buffer for it.
+    assert_eq!(s.reads.load(Ordering::SeqCst), 1);
+    s.rx.add(&[Desc::w(BUF + 0x3000, 1024)]);
+    s.dev.process_queue(RX_QUEUE);
+    // One read for it, and none after: no buffers are left.
+    assert_eq!(s.reads.load(Ordering::SeqCst), 2);
+    assert_eq!(s.rx.used_idx(), 4);
+    assert_eq!(s.dev.stats().rx_frames, 2);
+}
+
+#[test]
+fn malformed_receive_chains_are_returned_unused() {
+    let mem = test_memory();
+    let mut s = Setup::with_mrg(&mem, true);
+    let bad = [
+        s.rx.add(&[Desc::r(BUF, 1024)]),
+        s.rx.add(&[Desc::w(BUF, 512), Desc::r(BUF + 512, 512)]),
+        s.rx.add(&[Desc::w(HOLE, 1024)]),
+        s.rx.add(&[Desc::w(BUF, 8)]),
+    ];
+    let good = s.rx.add(&[Desc::w(BUF + 0x1000, 2048)]);
+    let sent = with_hdr(hdr(0, 0), &frame(500, 8));
+    s.peer.send(&sent).unwrap();
+    s.dev.process_backend();
+    assert_eq!(s.rx.used_idx(), 5);
+    for (i, &h) in bad.iter().enumerate() {
+        assert_eq!(s.rx.used(i as u16), (h, 0));
+    }
+    assert_eq!(s.rx.used(4), (good, 512));
+    assert_eq!(s.rx.read(BUF + 0x1000 + 12, 500), &sent[12..]);
+    assert_eq!(s.dev.stats().rx_bad_chains, 4);
+
+    // A bad chain between two good ones of the same frame goes back before them, so the
+    // frame's chains stay together.
+    let a = s.rx.add(&[Desc::w(BUF, 1024)]);
+    let b = s.rx.add(&[Desc::r(BUF, 1024)]);
+    let c = s.rx.add(&[Desc::w(BUF + 0x1000, 1024)]);
+    let sent = with_hdr(hdr(0, 0), &frame(1500, 9));
+    s.peer.send(&sent).unwrap();
+    s.dev.process_backend();
+    assert_eq!(s.rx.used_idx(), 8);
+    assert_eq!(
+        [s.rx.used(5), s.rx.used(6), s.rx.used(7)],
+        [(b, 0), (a, 1024), (c, 1512 - 1024)]
+    );
+    assert_eq!(s.rx.read(BUF + 10, 2), [2, 0]);
+    assert!(!s.irq.needs_reset());
+}
+
+#[test]
+fn frame_too_big_for_a_buffer_is_dropped_and_the_buffer_kept() {
+    let mem = test_memory();
+    let mut s = Setup::with_mrg(&mem, false);
+    let head = s.rx.add(&[Desc::w(BUF, 1526)]);
+    s.peer.send(&with_hdr(hdr(0, 0), &frame(4000, 1))).unwrap();
+    let small = with_hdr(hdr(0, 0), &frame(100, 2));
+    s.peer.send(&small).unwrap();
+    s.dev.process_backend();
+    assert_eq!(s.rx.used_idx(), 1);
+    assert_eq!(s.rx.used(0), (head, 112));
+    assert_eq!(s.rx.read(BUF + 12, 100), &small[12..]);
+    let st = s.dev.stats();
+    assert_eq!((st.rx_frames, st.rx_dropped), (1, 1));
+}
+
+#[test]
+fn mergeable_frame_larger_than_the_ring_is_dropped() {
+    let mem = test_memory();
+    let mut s = Setup::new(&mem, 4, bit(VIRTIO_NET_F_MRG_RXBUF));
+    for i in 0..4 {
+        s.rx.add(&[Desc::w(BUF + i * 0x100, 64)]);
+    }
+    s.peer.send(&with_hdr(hdr(0, 0), &frame(300, 1))).unwrap();
+    // A runt from the backend is dropped too.
+    s.peer.send(&[0u8; 20]).unwrap();
+    let small = with_hdr(hdr(0, 0), &frame(100, 2));
+    s.peer.send(&small).unwrap();
+    s.dev.process_backend();
+    assert_eq!(s.rx.used_idx(), 2);
+    assert_eq!(s.rx.used(0).1, 64);
+    assert_eq!(s.rx.used(1).1, 112 - 64);
+    assert_eq!(s.dev.stats().rx_dropped, 2);
+}
+
+#[test]
+fn receive_ring_faults_need_a_reset() {
+    let mem = test_memory();
+    let mut s = Setup::with_mrg(&mem, true);
+    s.peer.send(&with_hdr(hdr(0, 0), &frame(100, 2))).unwrap();
+    s.rx.set_avail_idx(1000);
+    s.dev.process_backend();
+    assert!(s.irq.needs_reset());
+    assert_eq!(s.reads.load(Ordering::SeqCst), 0);
+    // Broken until reset: nothing more is read.
+    s.rx.set_avail_idx(0);
+    s.rx.add(&[Desc::w(BUF, 2048)]);
+    s.dev.process_queue(RX_QUEUE);
+    assert_eq!(s.rx.used_idx(), 0);
+
+    // A head index outside the queue.
+    let mut s = Setup::with_mrg(&mem, true);
+    s.peer.send(&with_hdr(hdr(0, 0), &frame(100, 2))).unwrap();
+    s.rx.publish(300);
+    s.dev.process_backend();
+    assert!(s.irq.needs_reset());
+}
+
+#[test]
+fn inactive_device_ignores_everything() {
+    let (mut dev, peer, reads, _) = device();
+    peer.send(&with_hdr(hdr(0, 0), &frame(100, 2))).unwrap();
+    dev.process_backend();
+    dev.process_queue(RX_QUEUE);
+    dev.process_queue(TX_QUEUE);
+    dev.process_queue(7);
+    assert_eq!(reads.load(Ordering::SeqCst), 0);
+}
+
+/// A real tap in a network namespace of its own. Needs root and /dev/net/tun.
+mod real_tap {
+    use std::ffi::CString;
+    use std::process::Command;
+
+    use super::*;
+
+    /// Removes the namespace on drop, even after a panic.
+    struct Netns(String);
+
+    impl Netns {
+        fn new(tag: &str) -> Option<Self> {
+            let name = format!("mf-{tag}-{}", std::process::id());
+            let ok = Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then(|| Self(name))
+        }
+
+        fn ip(&self, args: &[&str]) {
+            let st = Command::new("ip")
+                .args(["-n", &self.0])
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip {args:?}");
+        }
+
+        /// Move the calling thread into the namespace.
+        fn enter(&self) {
+            let f = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
+            // SAFETY: setns on a namespace fd we hold; it changes only this thread.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    /// Whether the test can run; otherwise say why. CI runs as root, so there a missing
+    /// capability is a failure, not a skip.
+    fn can_run() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let tun = std::path::Path::new("/dev/net/tun").exists();
+        if root && tun {
+            return true;
+        }
+        let why = if root { "no /dev/net/tun" } else { "not root" };
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "real-tap test cannot run in CI: {why}"
+        );
+        eprintln!("SKIPPED: real-tap test needs root and /dev/net/tun ({why})");
+        false
+    }
+
+    /// An AF_PACKET socket bound to `ifname` in the calling thread's namespace.
+    struct Packet(std::os::fd::OwnedFd);
+
+    impl Packet {
+        fn bind(ifname: &str) -> Self {
+            use std::os::fd::FromRawFd;
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket creation.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+            // SAFETY: a new fd nothing else owns.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            let cname = CString::new(ifname).unwrap();
+            // SAFETY: a valid NUL-terminated name.
+            let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+            assert_ne!(index, 0);
+            // SAFETY: sockaddr_ll is plain data; zero is valid.
+            let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_protocol = proto;
+            sa.sll_ifindex = i32::try_from(index).unwrap();
+            // SAFETY: sa is a sockaddr_ll of the size given.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const sa).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 10,
+                tv_usec: 0,
+            };
+            // SAFETY: SO_RCVTIMEO takes a timeval of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            assert_eq!(rc, 0);
+            Self(fd)
+        }
+
+        fn send(&self, frame: &[u8]) {
+            // SAFETY: the buffer is valid for its length; the socket is bound to the device.
+            let n =
+                unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            assert_eq!(
+                usize::try_from(n).ok(),
+                Some(frame.len()),
+                "{}",
+                io::Error::last_os_error()
+            );
+        }
+
+        /// The next frame with our ethertype (the kernel sends its own frames too).
+        fn recv_ours(&self) -> Vec<u8> {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                // SAFETY: the buffer is valid for writes of its length.
+                let n = unsafe {
+                    libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
+                let n = usize::try_from(n)
+                    .unwrap_or_else(|_| panic!("recv: {}", io::Error::last_os_error()));
+                if n >= 14 && buf[12..14] == [0x88, 0xb5] {
+                    return buf[..n].to_vec();
+                }
+            }
+        }
+    }
+
+    /// Wait until `fd` is readable (a bounded wait, so a broken test ends).
+    fn wait_readable(fd: RawFd) -> bool {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 10_000) == 1 }
+    }
+
+    #[test]
+    fn frames_cross_a_real_tap_both_ways() {
+        if !can_run() {
+            return;
+        }
+        let ns = Netns::new("tap").expect("ip netns add");
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                ns.enter();
+                let tap = Tap::open("mftap0").expect("open tap");
+                assert_eq!(tap.name(), "mftap0");
+                ns.ip(&["link", "set", "mftap0", "up"]);
+                ns.ip(&["addr", "add", "10.99.0.1/24", "dev", "mftap0"]);
+                let pkt = Packet::bind("mftap0");
+
+                let mem = test_memory();
+                let mut dev = Net::new(
+                    tap,
+                    NetConfig {
+                        mac: Some(MAC),
+                        mtu: None,
+                    },
+                );
+                let mut rx = Ring::new(&mem, RX_RING, QUEUE_SIZE);
+                let mut tx = Ring::new(&mem, TX_RING, QUEUE_SIZE);
+                let irq = Arc::new(RecordingInterrupt::default());
+                dev.ack_features(dev.offered_features());
+                dev.activate(
+                    vec![rx.queue(), tx.queue()],
+                    irq.clone(),
+                    DmaSpace::identity(mem.clone()),
+                )
+                .unwrap();
+
+                // Guest -> tap: the header is consumed by the kernel, the frame arrives as sent.
+                let f = frame(200, 42);
+                tx.write(BUF, &with_hdr(hdr(0, 0), &f));
+                tx.add(&[Desc::r(BUF, 212)]);
+                dev.process_queue(TX_QUEUE);
+                assert_eq!(dev.stats().tx_frames, 1, "{:?}", dev.stats());
+                assert_eq!(pkt.recv_ours(), f);
+
+                // Tap -> guest.
+                for i in 0..8 {
+                    rx.add(&[Desc::w(BUF + 0x1000 * (i + 1), 2048)]);
+                }
+                dev.process_queue(RX_QUEUE);
+                let back = frame(300, 24);
+                pkt.send(&back);
+                let mut found = None;
+                for _ in 0..50 {
+                    if !wait_readable(dev.backend_fd()) {
+                        break;
+                    }
+                    dev.process_backend();
+                    for i in 0..rx.used_idx() {
+                        let (head, len) = rx.used(i);
+                        let addr = BUF + 0x1000 * (u64::from(head) + 1);
+                        let got = rx.read(addr, len as usize);
+                        if got.len() >= 26 && got[24..26] == [0x88, 0xb5] {
+                            found = Some(got);
+                        }
+                    }
+                    if found.is_some() {
+                        break;
+                    }
+                }
+                let got = found.expect("frame reached the guest");
+                assert_eq!(&got[12..], &back);
+                assert_eq!(&got[10..12], &[1, 0], "num_buffers");
+                assert!(!irq.needs_reset());
+            })
+            .join()
+            .unwrap();
+        });
+        drop(ns);
+    }
+
+    #[test]
+    fn opening_a_tun_as_a_tap_is_refused() {
+        if !can_run() {
+            return;
+        }
+        let ns = Netns::new("tun").expect("ip netns add");
+        ns.ip(&["tuntap", "add", "dev", "mftun0", "mode", "tun"]);
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                ns.enter();
+                let e = Tap::open("mftun0").unwrap_err();
+                assert!(matches!(e, TapError::Invalid(_)), "{e}");
+                // A pattern name gets a kernel-chosen name.
+                let tap = Tap::open("mft%d").unwrap();
+                assert!(tap.name().starts_with("mft"), "{}", tap.name());
+                tap.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4)
+                    .unwrap();
+            })
+            .join()
+            .unwrap();
+        });
+    }
+}
