@@ -10,6 +10,10 @@
 //! The vCPU starts where KVM puts it at reset: real mode, CS 0xF000 with base 0xFFFF_0000,
 //! IP 0xFFF0, so the first instruction is 16 bytes below 4 GiB, in the read-only mapping.
 
+mod acpi_files;
+
+pub use acpi_files::{LOADER_FILE, RSDP_FILE, TABLES_FILE, add_acpi_tables};
+
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -50,7 +54,9 @@ pub enum FirmwareError {
     #[error("Cannot copy the firmware below 1 MiB")]
     Copy(#[source] vm_memory::GuestMemoryError),
     #[error("Cannot set up fw_cfg")]
-    FwCfg(#[source] FwCfgError),
+    FwCfg(#[from] FwCfgError),
+    #[error("Cannot hand the ACPI tables to the firmware: {0}")]
+    AcpiLayout(String),
 }
 
 impl FirmwareError {
@@ -114,8 +120,8 @@ fn e820(mem_size: u64, image_len: u64) -> Vec<(u64, u64, u32)> {
 }
 
 /// A fw_cfg device with what SeaBIOS reads at boot: memory size and map, vCPU counts, the serial
-/// console and what to do when nothing boots. The builder adds more files (ACPI tables, boot
-/// order) with [`FwCfg::add_file`].
+/// console and what to do when nothing boots. The builder adds more files: ACPI tables with
+/// [`add_acpi_tables`], others (boot order) with [`FwCfg::add_file`].
 pub fn fw_cfg(
     dma: DmaSpace,
     config: &api::VmConfig,
@@ -131,7 +137,7 @@ pub fn fw_cfg(
         (key::IRQ0_OVERRIDE, 0u32.to_le_bytes().to_vec()),
     ];
     for (k, v) in items {
-        fw.set_item(k, v).map_err(FirmwareError::FwCfg)?;
+        fw.set_item(k, v)?;
     }
     let files = [
         (
@@ -146,7 +152,7 @@ pub fn fw_cfg(
         ),
     ];
     for (name, data) in files {
-        fw.add_file(name, data).map_err(FirmwareError::FwCfg)?;
+        fw.add_file(name, data)?;
     }
     Ok(fw)
 }
