@@ -28,6 +28,7 @@ pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
+pub mod vsock;
 #[cfg(test)]
 pub(crate) mod testutil;
 
