@@ -19,6 +19,11 @@
 //! is known), `max_nr_ports` (1) and the write-only `emerg_wr` (VIRTIO_CONSOLE_F_EMERG_WRITE,
 //! when enabled): a byte written there goes straight to the output, even before the driver is
 //! ready.
+//!
+//! For `--console tty` the VMM gives this device stdout and stdin. With the UART on the
+//! terminal too, stdin should go to one of them only (two readers of one terminal split the
+//! keystrokes between two shells): to this console, the one the user asked for and the one a
+//! guest runs its login on (`console=hvc0`, the UART keeping early boot messages).
 
 use std::io::{self, Write};
 use std::num::Wrapping;

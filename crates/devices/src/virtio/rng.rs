@@ -18,7 +18,8 @@ use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt
 
 /// Largest request queue the driver may set up.
 pub const QUEUE_SIZE: u16 = 256;
-/// Most bytes one chain receives (Linux asks for at most a page or so at a time anyway).
+/// Most bytes one chain receives: bounds the time one request holds the event loop (drivers
+/// ask for far less; one that wants more asks again).
 pub const MAX_BYTES_PER_CHAIN: usize = 64 * 1024;
 /// Most descriptors a chain may have.
 const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
