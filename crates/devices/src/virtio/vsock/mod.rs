@@ -397,6 +397,7 @@ impl VirtioDevice for Vsock {
                 common.process_queue(TX_QUEUE, |dma, chain| {
                     handle_tx(muxer, tx_buf, cid, dma, chain)
                 });
+                muxer.arm_timer();
             }
             EVENT_QUEUE => return,
             _ => {

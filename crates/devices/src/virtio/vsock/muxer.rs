@@ -620,7 +620,9 @@ impl Muxer {
         }
     }
 
-    fn arm_timer(&mut self) {
+    /// Arm the timer for the earliest deadline. Call after a batch of guest packets (which may
+    /// start a drain); host events do it themselves.
+    pub fn arm_timer(&mut self) {
         let next = self
             .pending
             .values()
@@ -716,7 +718,7 @@ impl Muxer {
         }
         let Some(conn) = self.conns.get_mut(&key) else {
             match hdr.op {
-                op::REQUEST => self.connect_host(key),
+                op::REQUEST => self.connect_host(key, hdr),
                 op::RST => {}
                 _ => {
                     tracing::debug!(?key, op = hdr.op, "vsock: packet for no connection");
@@ -786,7 +788,7 @@ impl Muxer {
     }
 
     /// The guest's REQUEST to host port `key.local`: connect to `PATH_<port>`.
-    fn connect_host(&mut self, key: Key) {
+    fn connect_host(&mut self, key: Key, hdr: &Header) {
         if self.pending.len() + self.conns.len() >= MAX_CONNECTIONS {
             tracing::debug!(?key, "vsock: too many connections, guest request refused");
             self.control_packet(key, op::RST, 0);
@@ -798,8 +800,11 @@ impl Muxer {
         match connect_nonblocking(&path) {
             Ok(stream) => {
                 let token = self.alloc_token();
-                self.conns
-                    .insert(key, Conn::new(stream, token, State::Established, None));
+                let mut conn = Conn::new(stream, token, State::Established, None);
+                // The REQUEST carries the guest's buffer: the host may speak first.
+                conn.peer_buf_alloc = hdr.buf_alloc;
+                conn.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+                self.conns.insert(key, conn);
                 self.tokens.insert(token, key);
                 self.control_packet(key, op::RESPONSE, 0);
                 self.sync(key);

@@ -898,3 +898,130 @@ impl H {
         out
     }
 }
+
+/// Whether the backend fd would wake the VMM's event loop now.
+fn backend_ready(dev: &Vsock) -> bool {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let ep = Epoll::new().unwrap();
+    ep.ctl(
+        ControlOperation::Add,
+        dev.backend_fd(),
+        EpollEvent::new(EventSet::IN, 0),
+    )
+    .unwrap();
+    let mut ev = [EpollEvent::default(); 1];
+    ep.wait(0, &mut ev).unwrap() == 1
+}
+
+#[test]
+fn idle_backend_does_not_wake_the_vmm() {
+    let mut h = H::new();
+    assert!(!backend_ready(&h.dev));
+    let mut s = h.host_connect();
+    assert!(backend_ready(&h.dev));
+    s.write_all(b"CONNECT 80\n").unwrap();
+    h.settle();
+    assert!(!backend_ready(&h.dev));
+    let local = h.received()[0].0.src_port;
+    let mut resp = pkt(op::RESPONSE, 80, local);
+    resp.buf_alloc = 100;
+    h.send(resp, &[]);
+    let mut line = vec![0u8; format!("OK {local}\n").len()];
+    s.read_exact(&mut line).unwrap();
+
+    // Blocked on guest credit: the stream leaves the epoll set.
+    s.write_all(&[1u8; 300]).unwrap();
+    h.settle();
+    assert_eq!(
+        h.received().iter().map(|(_, d)| d.len()).sum::<usize>(),
+        100
+    );
+    assert!(!backend_ready(&h.dev));
+
+    // Blocked on rx buffers.
+    h.auto_fill = false;
+    let mut upd = pkt(op::CREDIT_UPDATE, 80, local);
+    upd.buf_alloc = CONN_BUF_SIZE;
+    upd.fwd_cnt = 100;
+    h.send(upd, &[]);
+    // Use up the rx buffers with data.
+    for _ in 0..100 {
+        if h.rx.outstanding() == 0 {
+            break;
+        }
+        s.write_all(&[2u8; 10]).unwrap();
+        h.settle();
+    }
+    assert_eq!(h.rx.outstanding(), 0);
+    h.received();
+    s.write_all(&[3u8; 10]).unwrap();
+    h.settle();
+    assert!(!backend_ready(&h.dev));
+    // Buffers arrive: the data moves.
+    h.give_rx(1, 4096);
+    assert_eq!(h.received().len(), 1);
+}
+
+#[test]
+fn guest_initiated_host_speaks_first() {
+    let mut h = H::new();
+    let listener = UnixListener::bind(format!("{}_6000", h.path.display())).unwrap();
+    let mut req = pkt(op::REQUEST, 4000, 6000);
+    req.buf_alloc = 1000;
+    h.send(req, &[]);
+    assert_eq!(h.received()[0].0.op, op::RESPONSE);
+    let (mut s, _) = listener.accept().unwrap();
+    s.write_all(b"banner").unwrap();
+    h.settle();
+    let got = h.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, b"banner");
+}
+
+#[test]
+fn shutdown_waits_for_buffered_data() {
+    let mut h = H::new();
+    let (mut s, local) = h.host_initiated(80, CONN_BUF_SIZE);
+    // More than the socket buffer takes: some stays in the device.
+    let big = vec![4u8; MAX_PAYLOAD];
+    for _ in 0..6 {
+        h.send(pkt(op::RW, 80, local), &big);
+    }
+    h.received();
+    let mut sd = pkt(op::SHUTDOWN, 80, local);
+    sd.flags = SHUTDOWN_BOTH;
+    h.send(sd, &[]);
+    assert!(h.received().iter().all(|(p, _)| p.op != op::RST));
+    assert_eq!(h.dev.connection_count(), 1);
+    // The host reads it all, then end of file; the guest gets its RST.
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 65536];
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(_) => h.settle(),
+        }
+    }
+    assert_eq!(total, 6 * MAX_PAYLOAD);
+    assert!(h.received().iter().any(|(p, _)| p.op == op::RST));
+    assert_eq!(h.dev.connection_count(), 0);
+
+    // A host that never reads: RST at the deadline.
+    let (_s, local) = h.host_initiated(81, CONN_BUF_SIZE);
+    for _ in 0..6 {
+        h.send(pkt(op::RW, 81, local), &big);
+    }
+    sd.src_port = 81;
+    sd.dst_port = local;
+    h.send(sd, &[]);
+    h.received();
+    assert_eq!(h.dev.connection_count(), 1);
+    std::thread::sleep(Duration::from_millis(2200));
+    assert!(backend_ready(&h.dev));
+    h.settle();
+    assert!(h.received().iter().any(|(p, _)| p.op == op::RST));
+    assert_eq!(h.dev.connection_count(), 0);
+}
