@@ -416,6 +416,40 @@ mod tests {
         assert!(!dev.is_active());
     }
 
+    /// Behind an IOMMU: buffers are I/O virtual addresses and a read-only mapping gets nothing.
+    #[test]
+    fn buffers_through_an_iommu() {
+        use crate::virtio::dma::DmaIommu;
+        use vm_memory::Permissions;
+
+        let mem = test_memory();
+        let mut drv = TestDriver::new(&mem, 16);
+        let iommu = DmaIommu::new();
+        // The rings at IOVA = GPA (the test driver puts them at 0).
+        iommu.map(0, 0, 0x2000, Permissions::ReadWrite).unwrap();
+        iommu
+            .map(0x1000_0000, BUF, 0x1000, Permissions::Write)
+            .unwrap();
+        iommu
+            .map(0x2000_0000, BUF + 0x1000, 0x1000, Permissions::Read)
+            .unwrap();
+        let mut dev = Rng::with_source(Box::new(Counter(1, false)));
+        let irq = Arc::new(RecordingInterrupt::default());
+        dev.ack_features(dev.offered_features());
+        dev.activate(
+            vec![drv.queue()],
+            irq.clone(),
+            DmaSpace::with_iommu(mem.clone(), iommu),
+        )
+        .unwrap();
+        assert_eq!(submit(&mut dev, &mut drv, &[Desc::w(0x1000_0000, 4)]), 4);
+        assert_eq!(drv.read(BUF, 4), vec![1, 2, 3, 4]);
+        assert_eq!(submit(&mut dev, &mut drv, &[Desc::w(0x2000_0000, 4)]), 0);
+        assert_eq!(submit(&mut dev, &mut drv, &[Desc::w(BUF + 8, 4)]), 0);
+        assert_eq!(drv.read(BUF + 0x1000, 4), vec![0; 4]);
+        assert!(!irq.needs_reset());
+    }
+
     /// Random garbage chains: the device never panics, returns every chain it pops, never
     /// reports more bytes than the cap, and writes nothing outside the buffers it was given.
     #[test]
