@@ -12,7 +12,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{DescriptorChain, Queue};
 
-use super::dma::{DmaMemory, DmaSnapshot};
+use super::dma::{Access, DmaMemory, DmaSnapshot};
 use super::queue::parse_chain;
 use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
 
@@ -23,6 +23,8 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_BYTES_PER_CHAIN: usize = 64 * 1024;
 /// Most descriptors a chain may have.
 const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
+/// Random bytes are drawn and copied this many at a time.
+const CHUNK: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
@@ -70,7 +72,7 @@ impl EntropySource for HostRandom {
 pub struct Rng {
     common: VirtioCommon,
     source: Box<dyn EntropySource>,
-    /// Reused between requests; grown on first use.
+    /// Reused between requests; allocated on first use.
     scratch: Vec<u8>,
 }
 
@@ -131,29 +133,39 @@ fn handle_chain(
         tracing::debug!(head, "virtio-rng: request has no writable buffer");
         return 0;
     }
-    if scratch.len() < want {
-        scratch.resize(want, 0);
+    if scratch.len() < CHUNK {
+        scratch.resize(CHUNK, 0);
     }
-    let bytes = &mut scratch[..want];
-    if let Err(e) = source.fill(bytes) {
-        tracing::warn!(head, "virtio-rng: {e}");
-        return 0;
-    }
-    // Buffer by buffer, so that the used length counts exactly what reached the guest when a
-    // later buffer is unreachable.
+    // Buffer by buffer and chunk by chunk (a small scratch buffer, not one as big as the cap),
+    // so that the used length counts exactly what reached the guest when a later buffer is
+    // unreachable or the host source fails.
     let mut done = 0usize;
-    for r in buffers.writable.ranges() {
-        if done == want {
+    'buffers: for r in buffers.writable.ranges() {
+        let len = r.len.min((want - done) as u64);
+        if len == 0 {
             break;
         }
-        let n = usize::try_from(r.len)
-            .unwrap_or(usize::MAX)
-            .min(want - done);
-        if let Err(e) = dma.write(r.addr, &bytes[done..done + n]) {
+        if let Err(e) = dma.check(r.addr, len, Access::Write) {
             tracing::debug!(head, "virtio-rng: {e}");
             break;
         }
-        done += n;
+        let mut off = 0u64;
+        while off < len {
+            // Checked above: r.addr + len does not wrap; a chunk fits a usize.
+            let n = (len - off).min(CHUNK as u64);
+            let chunk = &mut scratch[..usize::try_from(n).unwrap_or(CHUNK)];
+            if let Err(e) = source.fill(chunk) {
+                tracing::warn!(head, "virtio-rng: {e}");
+                break 'buffers;
+            }
+            if let Err(e) = dma.write(r.addr + off, chunk) {
+                // Only a concurrent IOMMU change gets here.
+                tracing::debug!(head, "virtio-rng: {e}");
+                break 'buffers;
+            }
+            off += n;
+            done += chunk.len();
+        }
     }
     // done <= MAX_BYTES_PER_CHAIN.
     u32::try_from(done).unwrap_or(0)
@@ -265,6 +277,17 @@ mod tests {
                 *b = self.0;
                 self.0 = self.0.wrapping_add(1);
             }
+            Ok(())
+        }
+    }
+
+    /// A source that fills `n` requests, then fails.
+    struct FailAfter(usize);
+
+    impl EntropySource for FailAfter {
+        fn fill(&mut self, buf: &mut [u8]) -> Result<(), RngError> {
+            self.0 = self.0.checked_sub(1).ok_or(RngError::NoBytes)?;
+            buf.fill(0x11);
             Ok(())
         }
     }
@@ -406,6 +429,17 @@ mod tests {
         let mut dev = Rng::with_source(Box::new(Counter(0, true)));
         let irq = activate(&mut dev, &drv, &mem);
         assert_eq!(submit(&mut dev, &mut drv, &[Desc::w(BUF, 8)]), 0);
+        assert!(!irq.needs_reset());
+
+        // It fails after one chunk: what was written counts.
+        let mut drv = TestDriver::new(&mem, 16);
+        let mut dev = Rng::with_source(Box::new(FailAfter(1)));
+        let irq = activate(&mut dev, &drv, &mem);
+        let chunk = CHUNK as u32;
+        assert_eq!(
+            submit(&mut dev, &mut drv, &[Desc::w(BUF, chunk), Desc::w(BUF, 8)]),
+            chunk
+        );
         assert!(!irq.needs_reset());
 
         // A broken ring: reset requested, then silence until reset.
