@@ -28,9 +28,9 @@ pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
-pub mod vsock;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod vsock;
 
 use std::sync::Arc;
 
