@@ -57,6 +57,8 @@ const MAX_CONNECT_LINE: usize = 32;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the host stream may take to drain after the guest shut a connection down.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the listener rests after accept failed for lack of file descriptors or memory.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Host-side ports of host-initiated connections are taken from here up (as Firecracker does),
 /// clear of the well-known ports a guest listens on.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -215,6 +217,8 @@ pub struct Muxer {
     timer: TimerFd,
     /// What the timer is armed for.
     timer_deadline: Option<Instant>,
+    /// The listener is out of the epoll set until then (accept failed for lack of resources).
+    listener_paused_until: Option<Instant>,
     next_token: u64,
     next_local_port: u32,
     pending: HashMap<u64, Pending>,
@@ -349,6 +353,7 @@ impl Muxer {
             epoll,
             timer,
             timer_deadline: None,
+            listener_paused_until: None,
             next_token: FIRST_TOKEN,
             next_local_port: FIRST_LOCAL_PORT,
             pending: HashMap::new(),
@@ -428,8 +433,13 @@ impl Muxer {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // The client gave up before we got to it.
+                Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
                 Err(e) => {
-                    tracing::warn!("vsock: accept failed: {e}");
+                    // Out of file descriptors or memory: the listener stays readable, so stop
+                    // watching it for a while rather than spin.
+                    tracing::warn!("vsock: accept failed, pausing the listener: {e}");
+                    self.pause_listener();
                     return;
                 }
             };
@@ -458,6 +468,32 @@ impl Muxer {
                     deadline: Instant::now() + CONNECT_TIMEOUT,
                 },
             );
+        }
+    }
+
+    fn pause_listener(&mut self) {
+        if self.listener_paused_until.is_some() {
+            return;
+        }
+        let fd = self.listener.as_raw_fd();
+        match self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        {
+            Ok(()) => self.listener_paused_until = Some(Instant::now() + ACCEPT_RETRY),
+            Err(e) => tracing::warn!("vsock: cannot pause the listener: {e}"),
+        }
+    }
+
+    fn resume_listener(&mut self) {
+        let ev = EpollEvent::new(EventSet::IN, TOKEN_LISTENER);
+        let fd = self.listener.as_raw_fd();
+        match self.epoll.ctl(ControlOperation::Add, fd, ev) {
+            Ok(()) => self.listener_paused_until = None,
+            Err(e) => {
+                tracing::warn!("vsock: cannot resume the listener: {e}");
+                self.listener_paused_until = Some(Instant::now() + ACCEPT_RETRY);
+            }
         }
     }
 
@@ -601,6 +637,9 @@ impl Muxer {
     }
 
     fn expire(&mut self, now: Instant) {
+        if self.listener_paused_until.is_some_and(|t| t <= now) {
+            self.resume_listener();
+        }
         self.pending.retain(|_, p| {
             let keep = p.deadline > now;
             if !keep {
@@ -628,6 +667,7 @@ impl Muxer {
             .values()
             .map(|p| p.deadline)
             .chain(self.conns.values().filter_map(|c| c.deadline))
+            .chain(self.listener_paused_until)
             .min();
         if next == self.timer_deadline {
             return;
@@ -987,6 +1027,47 @@ impl Muxer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ready(m: &Muxer) -> bool {
+        let ep = Epoll::new().unwrap();
+        ep.ctl(
+            ControlOperation::Add,
+            m.epoll_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )
+        .unwrap();
+        let mut ev = [EpollEvent::default(); 1];
+        ep.wait(0, &mut ev).unwrap() == 1
+    }
+
+    #[test]
+    fn paused_listener_comes_back() {
+        let dir = std::env::temp_dir().join(format!("manifold-vsock-mux-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let mut m = Muxer::new(&path, 3).unwrap();
+        // As after EMFILE: a waiting client does not wake the VMM until the retry time.
+        m.pause_listener();
+        m.arm_timer();
+        let mut c = UnixStream::connect(&path).unwrap();
+        assert!(!ready(&m));
+        std::thread::sleep(ACCEPT_RETRY + Duration::from_millis(20));
+        assert!(ready(&m));
+        m.process_events();
+        assert!(m.listener_paused_until.is_none());
+        assert!(ready(&m));
+        m.process_events();
+        assert_eq!(m.pending.len(), 1);
+        c.write_all(b"CONNECT 5\n").unwrap();
+        m.process_events();
+        assert_eq!(m.connection_count(), 1);
+        let mut buf = [0u8; HDR_LEN];
+        assert_eq!(m.next_rx(&mut buf), Some(HDR_LEN));
+        assert_eq!(Header::from_bytes(&buf).op, op::REQUEST);
+        drop(m);
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn connect_lines() {
