@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -168,7 +168,7 @@ impl Conn {
     fn flush(&mut self) -> io::Result<()> {
         while !self.to_host.is_empty() {
             let (front, _) = self.to_host.as_slices();
-            match self.stream.write(front) {
+            match send(&self.stream, front) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.to_host.drain(..n);
@@ -315,8 +315,26 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     Ok(UnixStream::from(fd))
 }
 
-/// `CONNECT <port>` (the newline already taken off).
+/// Write to a host stream without SIGPIPE: a host program that closed its end must cost the
+/// connection (EPIPE), never the VMM, whatever the process's SIGPIPE disposition.
+fn send(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call and
+    // the fd is owned by `stream`, which outlives it.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// `CONNECT <port>` (the newline already taken off; a CR before it is allowed, for clients
+/// that end lines with CRLF).
 fn parse_connect(line: &[u8]) -> Option<u32> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     let port = line.strip_prefix(b"CONNECT ")?;
     if port.is_empty() || !port.iter().all(u8::is_ascii_digit) {
         return None;
@@ -866,7 +884,7 @@ impl Muxer {
         let line = format!("OK {}\n", key.local);
         // A fresh stream's send buffer is empty, so the line goes out whole unless the host
         // has gone.
-        match conn.stream.write(line.as_bytes()) {
+        match send(&conn.stream, line.as_bytes()) {
             Ok(n) if n == line.len() => {}
             Ok(_) | Err(_) => {
                 tracing::debug!(?key, "vsock: host went away before OK");
@@ -1027,6 +1045,7 @@ impl Muxer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn ready(m: &Muxer) -> bool {
         let ep = Epoll::new().unwrap();
@@ -1073,11 +1092,13 @@ mod tests {
     fn connect_lines() {
         assert_eq!(parse_connect(b"CONNECT 1234"), Some(1234));
         assert_eq!(parse_connect(b"CONNECT 4294967295"), Some(u32::MAX));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
         for bad in [
             &b"CONNECT 4294967296"[..],
             b"CONNECT ",
             b"CONNECT +1",
             b"CONNECT 12 ",
+            b"CONNECT 12\r\r",
             b"connect 12",
             b"CONNECT1",
             b"",

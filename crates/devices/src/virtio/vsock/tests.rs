@@ -690,6 +690,16 @@ fn shutdowns() {
     h.send(sd, &[]);
     assert_eq!(h.received()[0].0.op, op::RST);
     assert_eq!(h.dev.connection_count(), 0);
+
+    // The host closed and the guest writes anyway: EPIPE resets the connection (and no
+    // SIGPIPE reaches the VMM).
+    let (s, local) = h.host_initiated(83, CONN_BUF_SIZE);
+    drop(s);
+    h.settle();
+    assert_eq!(h.received()[0].0.op, op::SHUTDOWN);
+    h.send(pkt(op::RW, 83, local), b"anyone?");
+    assert_eq!(h.received()[0].0.op, op::RST);
+    assert_eq!(h.dev.connection_count(), 0);
 }
 
 #[test]
