@@ -80,6 +80,14 @@ pub enum VsockError {
     Timer(#[source] std::io::Error),
 }
 
+impl VsockError {
+    /// The user's mistake (a reserved CID, a socket path that is taken or cannot be created),
+    /// as opposed to the host running out of resources.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, Self::Epoll(_) | Self::Timer(_))
+    }
+}
+
 pub struct Vsock {
     common: VirtioCommon,
     guest_cid: u64,

@@ -769,6 +769,7 @@ fn socket_path_rules() {
     // No such directory.
     let err = Vsock::new(3, dir.0.join("nope/v.sock")).unwrap_err();
     assert!(matches!(err, VsockError::Bind { .. }), "{err}");
+    assert!(err.is_bad_input());
 }
 
 #[test]
