@@ -26,7 +26,9 @@ pub enum TapError {
     PermissionDenied(String),
     #[error("Tap {0:?} is busy (another process has it open)")]
     Busy(String),
-    #[error("Cannot attach to {0:?}: not a tap, or a name the kernel refuses")]
+    #[error(
+        "Cannot attach to {0:?}: not a tap (or a multi-queue one), or a name the kernel refuses"
+    )]
     Invalid(String),
     #[error("Cannot set up tap {name:?}: {what}")]
     Ioctl {

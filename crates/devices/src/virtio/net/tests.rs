@@ -1098,8 +1098,11 @@ mod real_tap {
         std::thread::scope(|t| {
             t.spawn(|| {
                 ns.enter();
-                let e = Tap::open("mftun0").unwrap_err();
-                assert!(matches!(e, TapError::Invalid(_)), "{e}");
+                // A tun, and an interface that is no tun/tap at all.
+                for name in ["mftun0", "lo"] {
+                    let e = Tap::open(name).unwrap_err();
+                    assert!(matches!(e, TapError::Invalid(_)), "{name}: {e}");
+                }
                 // A pattern name gets a kernel-chosen name.
                 let tap = Tap::open("mft%d").unwrap();
                 assert!(tap.name().starts_with("mft"), "{}", tap.name());
