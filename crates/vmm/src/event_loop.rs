@@ -2,6 +2,7 @@
 //! threads run the guest.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -17,6 +18,9 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// arbitrary point.
 pub struct Signals {
     fd: Arc<OwnedFd>,
+    /// The first stop signal read, 0 if none: it outlives the VM it arrived in, so that a
+    /// signal racing a guest reset is not lost to `--on-reboot restart`.
+    received: Arc<AtomicI32>,
 }
 
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -56,7 +60,15 @@ impl Signals {
         }
         // SAFETY: signalfd returned a new fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd: Arc::new(fd) })
+        Ok(Self {
+            fd: Arc::new(fd),
+            received: Arc::new(AtomicI32::new(0)),
+        })
+    }
+
+    /// The stop signal received so far, if any.
+    pub fn received(&self) -> Option<i32> {
+        Some(self.received.load(Ordering::SeqCst)).filter(|s| *s != 0)
     }
 }
 
@@ -74,6 +86,7 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
 struct ControlSubscriber {
     control: Arc<Control>,
     signals: Arc<OwnedFd>,
+    received: Arc<AtomicI32>,
 }
 
 impl MutEventSubscriber for ControlSubscriber {
@@ -81,6 +94,9 @@ impl MutEventSubscriber for ControlSubscriber {
         if events.fd() == self.signals.as_raw_fd() {
             if let Some(sig) = read_signal(&self.signals) {
                 tracing::info!(sig, "stopping on signal");
+                let _ = self
+                    .received
+                    .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
                 self.control.finish(Ok(VmOutcome::Signal(sig)));
             }
         } else {
@@ -107,6 +123,7 @@ pub fn run_once(config: &api::VmConfig, signals: &Signals) -> Result<VmOutcome, 
     em.add_subscriber(Arc::new(Mutex::new(ControlSubscriber {
         control: control.clone(),
         signals: signals.fd.clone(),
+        received: signals.received.clone(),
     })));
     for s in built.subscribers {
         em.add_subscriber(s);

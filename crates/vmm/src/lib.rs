@@ -98,6 +98,10 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, Error> {
     let signals = event_loop::Signals::install()?;
     loop {
         let outcome = event_loop::run_once(config, &signals)?;
+        // A stop signal wins over whatever the guest did at the same moment.
+        if let Some(sig) = signals.received() {
+            return Ok(VmOutcome::Signal(sig));
+        }
         if outcome == VmOutcome::Reset && config.on_reboot == OnReboot::Restart {
             tracing::info!("guest reset: restarting the VM");
             continue;
