@@ -97,6 +97,8 @@ pub struct Vsock {
     tx_buf: Vec<u8>,
     /// One packet for the guest's rx queue (header and payload).
     rx_buf: Vec<u8>,
+    /// tx processing paused on a reply backlog; resumed when rx drains.
+    tx_stalled: bool,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -125,6 +127,7 @@ impl Vsock {
             muxer,
             tx_buf: vec![0; MAX_PAYLOAD],
             rx_buf: vec![0; HDR_LEN + MAX_PAYLOAD],
+            tx_stalled: false,
         })
     }
 
@@ -152,7 +155,19 @@ impl Vsock {
     /// timeouts; then move what is ready to the guest.
     pub fn process_backend(&mut self) {
         self.muxer.process_events();
-        self.pump_rx();
+        self.pump();
+    }
+
+    /// Move what is ready to the guest; when that frees the reply backlog, serve the tx packets
+    /// left waiting (which may make more replies).
+    fn pump(&mut self) {
+        loop {
+            self.pump_rx();
+            if !self.tx_stalled || self.muxer.backlogged() {
+                return;
+            }
+            self.process_tx();
+        }
     }
 
     /// Fill rx buffers with what the muxer has for the guest, one packet per chain.
@@ -192,6 +207,64 @@ impl Vsock {
             Err(e) => {
                 tracing::warn!(
                     queue = RX_QUEUE,
+                    "virtio-vsock: queue fault, device needs reset: {e}"
+                );
+                active.broken = true;
+                active.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    /// Serve the tx queue until it is empty or replies pile up ([`Muxer::backlogged`]); in the
+    /// latter case the rest waits in the ring, notifications off, until rx drains.
+    fn process_tx(&mut self) {
+        let Self {
+            common,
+            muxer,
+            tx_buf,
+            guest_cid,
+            tx_stalled,
+            ..
+        } = self;
+        let Some(active) = common.active.as_mut() else {
+            return;
+        };
+        if active.broken {
+            return;
+        }
+        let Some(queue) = active.queues.get_mut(usize::from(TX_QUEUE)) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        let snapshot = active.dma.snapshot();
+        let mut used_any = false;
+        let result = drain_tx(
+            queue,
+            &snapshot,
+            muxer,
+            tx_buf,
+            *guest_cid,
+            &mut used_any,
+            tx_stalled,
+        )
+        .and_then(|()| {
+            if used_any {
+                queue
+                    .needs_notification(snapshot.memory())
+                    .map_err(QueueError::Ring)
+            } else {
+                Ok(false)
+            }
+        });
+        muxer.arm_timer();
+        match result {
+            Ok(true) => active.interrupt.signal_queue(TX_QUEUE),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(
+                    queue = TX_QUEUE,
                     "virtio-vsock: queue fault, device needs reset: {e}"
                 );
                 active.broken = true;
@@ -271,6 +344,51 @@ fn fill_rx(
         *used_any = true;
     }
     Ok(())
+}
+
+/// Like [`super::queue::drain`], with a stop when replies pile up.
+fn drain_tx(
+    queue: &mut Queue,
+    dma: &DmaSnapshot,
+    muxer: &mut Muxer,
+    buf: &mut [u8],
+    guest_cid: u64,
+    used_any: &mut bool,
+    stalled: &mut bool,
+) -> Result<(), QueueError> {
+    let mem = dma.memory();
+    let size = queue.size();
+    *stalled = false;
+    loop {
+        queue.disable_notification(mem).map_err(QueueError::Ring)?;
+        let avail = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(QueueError::Ring)?;
+        let pending = (avail - Wrapping(queue.next_avail())).0;
+        if pending > size {
+            return Err(QueueError::TooManyAvailable { pending, size });
+        }
+        for _ in 0..pending {
+            if muxer.backlogged() {
+                *stalled = true;
+                return Ok(());
+            }
+            let index = queue.next_avail();
+            let chain = queue
+                .pop_descriptor_chain(mem)
+                .ok_or(QueueError::AvailEntry { index })?;
+            let head = chain.head_index();
+            if head >= size {
+                return Err(QueueError::BadHead { head, size });
+            }
+            let len = handle_tx(muxer, buf, guest_cid, dma, chain);
+            queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
+            *used_any = true;
+        }
+        if !queue.enable_notification(mem).map_err(QueueError::Ring)? {
+            return Ok(());
+        }
+    }
 }
 
 /// One packet from the tx queue: header in the first [`HDR_LEN`] readable bytes, payload in
@@ -381,32 +499,20 @@ impl VirtioDevice for Vsock {
     ) -> Result<(), ActivateError> {
         self.common.activate(queues, interrupt, dma)?;
         // Host connections may have asked for the guest before its driver was up.
-        self.pump_rx();
+        self.pump();
         Ok(())
     }
 
     fn reset(&mut self) {
         self.common.reset();
         self.muxer.reset();
+        self.tx_stalled = false;
     }
 
     fn process_queue(&mut self, queue: u16) {
         match queue {
             RX_QUEUE => {}
-            TX_QUEUE => {
-                let Self {
-                    common,
-                    muxer,
-                    tx_buf,
-                    guest_cid,
-                    ..
-                } = self;
-                let cid = *guest_cid;
-                common.process_queue(TX_QUEUE, |dma, chain| {
-                    handle_tx(muxer, tx_buf, cid, dma, chain)
-                });
-                muxer.arm_timer();
-            }
+            TX_QUEUE => self.process_tx(),
             EVENT_QUEUE => return,
             _ => {
                 tracing::debug!(queue, "virtio-vsock: notification for an unknown queue");
@@ -414,7 +520,7 @@ impl VirtioDevice for Vsock {
             }
         }
         // New rx buffers, or replies and credit from the tx packets.
-        self.pump_rx();
+        self.pump();
     }
 
     fn is_active(&self) -> bool {

@@ -47,8 +47,10 @@ pub const CONN_BUF_SIZE: u32 = 256 * 1024;
 const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_SIZE / 4;
 /// Connections (and host connections still sending their CONNECT line) at once.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// Control packets waiting for rx buffers. A guest that floods the tx queue without giving rx
-/// buffers loses replies past this, instead of growing host memory.
+/// Replies waiting for rx buffers past which tx processing pauses ([`Muxer::backlogged`]).
+const TX_STALL_REPLIES: usize = 256;
+/// Hard cap on control packets waiting for rx buffers (tx pauses long before; host events such
+/// as timeouts can add more). Past it packets are dropped rather than host memory grown.
 const MAX_CONTROL: usize = 4 * MAX_CONNECTIONS;
 /// `CONNECT 4294967295` is 18 bytes; anything longer is garbage.
 const MAX_CONNECT_LINE: usize = 32;
@@ -935,6 +937,12 @@ impl Muxer {
         } else if conn.peer_shutdown & SHUTDOWN_SEND != 0 && conn.to_host.is_empty() {
             let _ = conn.stream.shutdown(Shutdown::Write);
         }
+    }
+
+    /// Too many replies wait for rx buffers: stop taking tx packets (which make more) until the
+    /// guest takes some, as vhost-vsock does, instead of dropping replies.
+    pub fn backlogged(&self) -> bool {
+        self.control.len() >= TX_STALL_REPLIES
     }
 
     /// Whether there may be something for the guest's rx queue.
