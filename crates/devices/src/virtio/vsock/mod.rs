@@ -320,8 +320,10 @@ fn fill_rx(
         let room = usize::try_from(writable.len())
             .unwrap_or(usize::MAX)
             .min(buf.len());
-        if room < HDR_LEN {
-            tracing::debug!(head, room, "virtio-vsock: rx buffer smaller than a header");
+        // A buffer with no room for data would sit at the head of the queue and hold up every
+        // data packet: unless a control packet can use it, it goes back empty.
+        if room < HDR_LEN || (room == HDR_LEN && !muxer.has_control()) {
+            tracing::debug!(head, room, "virtio-vsock: rx buffer too small");
             queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
             *used_any = true;
             continue;

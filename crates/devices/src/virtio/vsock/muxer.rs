@@ -945,6 +945,11 @@ impl Muxer {
         self.control.len() >= TX_STALL_REPLIES
     }
 
+    /// Whether a control packet (header only) waits for the guest.
+    pub fn has_control(&self) -> bool {
+        !self.control.is_empty()
+    }
+
     /// Whether there may be something for the guest's rx queue.
     pub fn has_rx(&self) -> bool {
         !self.control.is_empty() || !self.ready.is_empty()
@@ -989,6 +994,10 @@ impl Muxer {
 
     fn next_data(&mut self, buf: &mut [u8]) -> Data {
         let room = (buf.len() - HDR_LEN).min(MAX_PAYLOAD);
+        if room == 0 {
+            // A zero-length read would look like end of file.
+            return Data::Nothing;
+        }
         for _ in 0..self.ready.len() {
             let Some(key) = self.ready.pop_front() else {
                 break;
