@@ -10,10 +10,12 @@
 //! timer; it stays the same while connections come and go) for readability and then calls
 //! [`Vsock::process_backend`]. Both run under the device lock in the device event loop.
 
+mod conn;
 mod muxer;
 mod packet;
 #[cfg(test)]
 mod tests;
+mod unix;
 
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};

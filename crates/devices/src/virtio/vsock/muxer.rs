@@ -19,12 +19,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::io::{self, ErrorKind, Read};
+use std::io::{ErrorKind, Read};
 use std::net::Shutdown;
 use std::num::Wrapping;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,9 +31,11 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::VsockError;
+use super::conn::{Conn, Key, State};
 use super::packet::{
     HDR_LEN, HOST_CID, Header, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op,
 };
+use super::unix::{SocketPath, connect_nonblocking, parse_connect, prepare_path, send};
 
 /// Largest payload of one packet, either way.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
@@ -69,138 +69,11 @@ const TOKEN_LISTENER: u64 = 0;
 const TOKEN_TIMER: u64 = 1;
 const FIRST_TOKEN: u64 = 2;
 
-/// One connection: host-side port (`local`) and guest-side port (`peer`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Key {
-    pub local: u32,
-    pub peer: u32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// Host-initiated: REQUEST sent, waiting for the guest's RESPONSE.
-    Connecting,
-    Established,
-    /// The guest shut both directions while guest bytes still wait for the host stream: RST
-    /// once they are written (or at the deadline).
-    Draining,
-}
-
-struct Conn {
-    stream: UnixStream,
-    token: u64,
-    state: State,
-    deadline: Option<Instant>,
-    /// Events registered with the epoll set (empty: not registered).
-    registered: EventSet,
-    /// In the ready list: the host stream had data or news when last looked at.
-    readable: bool,
-    /// The host stream reached end of file; the guest was sent SHUTDOWN(SEND).
-    host_eof: bool,
-    /// SHUTDOWN flags received from the guest.
-    peer_shutdown: u32,
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: Wrapping<u32>,
-    /// Payload bytes sent to the guest.
-    tx_cnt: Wrapping<u32>,
-    /// Payload bytes received from the guest.
-    rx_cnt: Wrapping<u32>,
-    /// Of those, bytes the host stream took.
-    fwd_cnt: Wrapping<u32>,
-    /// `fwd_cnt` as last told to the guest.
-    fwd_cnt_sent: Wrapping<u32>,
-    credit_update_queued: bool,
-    credit_requested: bool,
-    /// Guest bytes the host stream has not taken yet.
-    to_host: VecDeque<u8>,
-}
-
-impl Conn {
-    fn new(stream: UnixStream, token: u64, state: State, deadline: Option<Instant>) -> Self {
-        Self {
-            stream,
-            token,
-            state,
-            deadline,
-            registered: EventSet::empty(),
-            readable: false,
-            host_eof: false,
-            peer_shutdown: 0,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: Wrapping(0),
-            tx_cnt: Wrapping(0),
-            rx_cnt: Wrapping(0),
-            fwd_cnt: Wrapping(0),
-            fwd_cnt_sent: Wrapping(0),
-            credit_update_queued: false,
-            credit_requested: false,
-            to_host: VecDeque::new(),
-        }
-    }
-
-    /// Bytes the guest can take now. A guest reporting more forwarded than it was sent gets
-    /// nothing rather than a huge credit.
-    fn peer_credit(&self) -> u32 {
-        let in_flight = (self.tx_cnt - self.peer_fwd_cnt).0;
-        self.peer_buf_alloc.saturating_sub(in_flight)
-    }
-
-    fn wanted_events(&self) -> EventSet {
-        let mut want = EventSet::empty();
-        match self.state {
-            State::Connecting => {}
-            State::Established => {
-                if !self.readable && !self.host_eof && self.peer_shutdown & SHUTDOWN_RCV == 0 {
-                    want |= EventSet::IN;
-                }
-                if !self.to_host.is_empty() {
-                    want |= EventSet::OUT;
-                }
-            }
-            State::Draining => {
-                if !self.to_host.is_empty() {
-                    want |= EventSet::OUT;
-                }
-            }
-        }
-        want
-    }
-
-    /// Write as much of `to_host` as the stream takes. `Err` means the stream is broken.
-    fn flush(&mut self) -> io::Result<()> {
-        while !self.to_host.is_empty() {
-            let (front, _) = self.to_host.as_slices();
-            match send(&self.stream, front) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.to_host.drain(..n);
-                    self.fwd_cnt += Wrapping(u32::try_from(n).unwrap_or(u32::MAX));
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A host connection that has not sent its CONNECT line yet.
 struct Pending {
     stream: UnixStream,
     line: Vec<u8>,
     deadline: Instant,
-}
-
-/// The listening socket's path, removed when the muxer goes.
-struct SocketPath(PathBuf);
-
-impl Drop for SocketPath {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            tracing::debug!(path = %self.0.display(), "vsock: cannot remove socket: {e}");
-        }
-    }
 }
 
 /// What [`Muxer::next_data`] found.
@@ -242,106 +115,6 @@ impl std::fmt::Debug for Muxer {
             .field("pending", &self.pending.len())
             .finish()
     }
-}
-
-/// Make `path` free for bind: absent is fine, a stale socket (nobody accepts on it) is removed,
-/// anything else is an error.
-fn prepare_path(path: &Path) -> Result<(), VsockError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(VsockError::Probe {
-                path: path.to_owned(),
-                source,
-            });
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(VsockError::NotASocket(path.to_owned()));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(VsockError::PathInUse(path.to_owned())),
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            std::fs::remove_file(path).map_err(|source| VsockError::RemoveStale {
-                path: path.to_owned(),
-                source,
-            })
-        }
-        Err(source) => Err(VsockError::Probe {
-            path: path.to_owned(),
-            source,
-        }),
-    }
-}
-
-/// Connect to a Unix stream socket without blocking: a listener whose backlog is full refuses
-/// (EAGAIN) instead of holding the event loop.
-fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data, for which all zeros is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    // One byte stays zero: the terminator.
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            ErrorKind::InvalidInput,
-            "socket path too long or not a C string",
-        ));
-    }
-    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
-        .map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = libc::c_char::from_ne_bytes([*s]);
-    }
-    // SAFETY: socket() takes no pointers; the result is checked below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket() and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
-        .map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
-    // SAFETY: `addr` is an initialised sockaddr_un that outlives the call and `len` is its
-    // size; connect() only reads it.
-    let r = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(fd))
-}
-
-/// Write to a host stream without SIGPIPE: a host program that closed its end must cost the
-/// connection (EPIPE), never the VMM, whatever the process's SIGPIPE disposition.
-fn send(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call and
-    // the fd is owned by `stream`, which outlives it.
-    let n = unsafe {
-        libc::send(
-            stream.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-/// `CONNECT <port>` (the newline already taken off; a CR before it is allowed, for clients
-/// that end lines with CRLF).
-fn parse_connect(line: &[u8]) -> Option<u32> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let port = line.strip_prefix(b"CONNECT ")?;
-    if port.is_empty() || !port.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(port).ok()?.parse().ok()
 }
 
 impl Muxer {
@@ -1103,24 +876,5 @@ mod tests {
         drop(m);
         assert!(!path.exists());
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn connect_lines() {
-        assert_eq!(parse_connect(b"CONNECT 1234"), Some(1234));
-        assert_eq!(parse_connect(b"CONNECT 4294967295"), Some(u32::MAX));
-        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
-        for bad in [
-            &b"CONNECT 4294967296"[..],
-            b"CONNECT ",
-            b"CONNECT +1",
-            b"CONNECT 12 ",
-            b"CONNECT 12\r\r",
-            b"connect 12",
-            b"CONNECT1",
-            b"",
-        ] {
-            assert_eq!(parse_connect(bad), None, "{bad:?}");
-        }
     }
 }
