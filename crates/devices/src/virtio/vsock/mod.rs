@@ -9,6 +9,15 @@
 //! [`Vsock::backend_fd`] (one epoll fd covering the listening socket, every connection and a
 //! timer; it stays the same while connections come and go) for readability and then calls
 //! [`Vsock::process_backend`]. Both run under the device lock in the device event loop.
+//!
+//! ```ignore
+//! let vsock = Arc::new(Mutex::new(Vsock::new(cid, &socket)?)); // is_bad_input(): status 2
+//! let device: Arc<Mutex<dyn VirtioDevice>> = vsock.clone();    // to virtio-pci, as any device
+//! // One more subscriber: EPOLLIN on `backend_fd()` -> `lock(&vsock).process_backend()`.
+//! ```
+//!
+//! The device owns the socket file: it is removed when the device is dropped, so a VM that is
+//! rebuilt (reset with `--on-reboot restart`) must drop the old device first.
 
 mod conn;
 mod muxer;
