@@ -3,6 +3,8 @@
 //! and [`VmEvents`], so each one is unit-tested and fuzzed in-process without `/dev/kvm`.
 
 pub mod bus;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
