@@ -46,7 +46,11 @@ static inline u32 inl(u16 port)
 	return v;
 }
 
+static inline u8 mmio_read8(uptr addr) { return *(volatile u8 *)addr; }
+static inline u16 mmio_read16(uptr addr) { return *(volatile u16 *)addr; }
 static inline u32 mmio_read32(uptr addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write8(uptr addr, u8 v) { *(volatile u8 *)addr = v; }
+static inline void mmio_write16(uptr addr, u16 v) { *(volatile u16 *)addr = v; }
 static inline void mmio_write32(uptr addr, u32 v) { *(volatile u32 *)addr = v; }
 
 /*
@@ -223,5 +227,165 @@ typedef void (*irq_handler_t)(struct int_frame *f);
 /* Load an IDT with stubs for all 256 vectors; unhandled vectors print and exit(2). */
 void idt_init(void);
 void idt_set_handler(u8 vector, irq_handler_t h);
+
+/* ---- PCI Express through ECAM (lib/pci.c, 32-bit builds) ---------------- */
+
+#define PCI_ECAM_BASE 0xE0000000u  /* bus 0; 1 MiB per bus */
+#define PCI_MMIO32_BASE 0xC0000000u /* where the guest places the BARs it assigns */
+#define PCI_MMIO32_END 0xE0000000u
+#define PCI_COMMAND 0x04
+#define PCI_CMD_MEM 0x2
+#define PCI_CMD_MASTER 0x4
+#define PCI_CAP_PTR 0x34
+#define PCI_CAP_VENDOR 0x09
+#define PCI_CAP_MSIX 0x11
+
+/* Configuration space of bus 0, device `dev`, function `fn`. */
+static inline uptr pci_cfg(u32 dev, u32 fn) { return PCI_ECAM_BASE + (dev << 15) + (fn << 12); }
+
+/*
+ * Walk bus 0 through ECAM: print one line per function, turn memory and I/O
+ * decode off on every function but host bridges (nothing decodes until the
+ * guest assigns it, so no firmware placement can overlap ours) and remember
+ * them. Idempotent.
+ */
+void pci_scan(void);
+/* The `nth` function (0-based) with this vendor and device id, or 0. */
+uptr pci_find(u16 vendor, u16 device, u32 nth);
+/*
+ * Size memory BAR `bar` (32 or 64-bit) with decode off, place it at the next
+ * naturally aligned free address from PCI_MMIO32_BASE, write it back.
+ * Returns its address (0 on failure); *size gets its size.
+ */
+uptr pci_assign_bar(uptr cfg, u32 bar, u32 *size);
+/* Offset of the next capability with `id` after offset `after` (0: from the start), or 0. */
+u8 pci_find_cap(uptr cfg, u8 id, u8 after);
+/* Turn on memory decode and bus mastering. */
+void pci_enable(uptr cfg);
+
+/*
+ * MSI-X of a function whose BARs are at bars[0..5] (0 = not assigned):
+ * pci_msix_init finds the capability and table, masks nothing, enables
+ * MSI-X and returns the table size (0 if there is none);
+ * pci_msix_route points table entry `entry` at this CPU's local APIC with
+ * vector `vector`, unmasked.
+ */
+struct msix {
+	uptr cfg;
+	u8 cap;
+	u32 size;
+	uptr table;
+};
+int pci_msix_init(struct msix *m, uptr cfg, const uptr bars[6]);
+void pci_msix_route(struct msix *m, u32 entry, u8 vector);
+
+/* ---- virtio over PCI, modern transport (lib/virtio.c, 32-bit builds) ---- */
+
+#define VIRTIO_VENDOR 0x1AF4
+#define VIRTIO_DEVICE_ID(type) (0x1040 + (type))
+#define VIRTIO_ID_NET 1
+#define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_CONSOLE 3
+#define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_VSOCK 19
+#define VIRTIO_F_VERSION_1 (1ull << 32)
+
+#define VIRTQ_MAX_SIZE 64 /* a ring of this size fits one 4 KiB page */
+#define VIRTIO_MAX_QUEUES 4
+#define VIRTIO_IRQ_BASE 0x40 /* CPU vectors handed to queues, one each */
+#define VIRTIO_IRQ_MAX 16
+
+struct vring_desc {
+	u64 addr;
+	u32 len;
+	u16 flags;
+	u16 next;
+};
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+
+struct vring_avail {
+	u16 flags;
+	u16 idx;
+	u16 ring[VIRTQ_MAX_SIZE];
+};
+
+struct vring_used {
+	u16 flags;
+	u16 idx;
+	struct {
+		u32 id, len;
+	} ring[VIRTQ_MAX_SIZE];
+};
+
+struct virtq {
+	u16 index, size;
+	u16 free_head, num_free;
+	u16 last_used;
+	u8 vector;      /* CPU vector of its MSI-X entry, 0 = none (polled) */
+	uptr notify;    /* its notification register */
+	struct vring_desc *desc;
+	struct vring_avail *avail;
+	struct vring_used *used;
+};
+
+struct virtio_dev {
+	uptr cfg;       /* ECAM address of the function */
+	uptr bars[6];
+	uptr common, notify, isr, device;
+	u32 notify_mult;
+	struct msix msix;
+	u64 offered, features;
+	struct virtq q[VIRTIO_MAX_QUEUES];
+};
+
+/* One buffer of a chain; `write` = device-writable. */
+struct vbuf {
+	void *addr;
+	u32 len;
+	int write;
+};
+
+/*
+ * Load the IDT, mask the 8259s, enable the local APIC and count MSI-X
+ * interrupts of vectors VIRTIO_IRQ_BASE..+VIRTIO_IRQ_MAX. Call once, first.
+ */
+void virtio_irq_init(void);
+/* Interrupts received so far: all, or on one CPU vector. */
+extern volatile u32 virtio_irqs;
+u32 virtio_vector_irqs(u8 vector);
+
+/*
+ * Find the `nth` virtio function of device type `type` on bus 0, assign its
+ * BARs, find the virtio structures and MSI-X, enable it, reset the device and
+ * set ACKNOWLEDGE | DRIVER; d->offered holds the device's features.
+ * Returns 0, or -1 with a line printed.
+ */
+int virtio_init(struct virtio_dev *d, u32 type, u32 nth);
+/* Accept offered & (want | VERSION_1), set FEATURES_OK and check it held. */
+int virtio_negotiate(struct virtio_dev *d, u64 want);
+/*
+ * Set up queue `index` with `size` entries (rings in a page of the
+ * library's), with its own MSI-X entry (= index) on the next free CPU vector
+ * if `irq`, else polled, and enable it.
+ */
+int virtio_queue_init(struct virtio_dev *d, u16 index, u16 size, int irq);
+void virtio_driver_ok(struct virtio_dev *d);
+/* Device configuration space. */
+static inline u8 virtio_cfg8(struct virtio_dev *d, u32 off) { return mmio_read8(d->device + off); }
+static inline u16 virtio_cfg16(struct virtio_dev *d, u32 off) { return mmio_read16(d->device + off); }
+static inline u32 virtio_cfg32(struct virtio_dev *d, u32 off) { return mmio_read32(d->device + off); }
+
+/* Chain `n` buffers (device-readable ones first) into the available ring; head id or -1. */
+int virtq_add(struct virtq *q, const struct vbuf *b, u32 n);
+void virtq_kick(struct virtq *q);
+/* The next used chain, if any: its head id (descriptors freed), *len = bytes written. Else -1. */
+int virtq_get(struct virtq *q, u32 *len);
+/* Wait for the next used chain (halting between MSI-X interrupts, or polling). */
+int virtq_wait(struct virtq *q, u32 *len);
+/* Add one buffer, kick, wait for it: bytes the device wrote, or -1. */
+int virtq_xfer(struct virtq *q, const struct vbuf *b, u32 n);
+/* Print `n` bytes as hex on one line after `label`. */
+void print_hex(const char *label, const u8 *p, u32 n);
 
 #endif /* GUEST_H */
