@@ -7,6 +7,7 @@
 //!
 //! ```toml
 //! serial = "tty"              # or "off", or { file = "/tmp/console.log" }
+//! console = "off"             # virtio-console (hvc0): "off", "tty" or { file = "PATH" }
 //! on_reboot = "exit"          # or "restart"
 //!
 //! [payload]
@@ -24,6 +25,16 @@
 //! [[disks]]                   # repeatable: one virtio-blk device each
 //! path = "/var/disk.img"
 //! readonly = true             # direct = true, serial = "ID" also
+//!
+//! [[nets]]                    # repeatable: one virtio-net device each
+//! tap = "tap0"
+//! mac = "52:54:00:12:34:56"   # optional
+//!
+//! [rng]                       # virtio-rng; src = "/dev/urandom" to read a file instead
+//!
+//! [vsock]
+//! cid = 3
+//! socket = "/run/vm.vsock"
 //! ```
 
 use std::fs::File;
@@ -31,7 +42,8 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use crate::{
-    CpusConfig, DiskConfig, InvalidConfig, MemoryConfig, OnReboot, SerialConfig, VmConfig,
+    ConsoleConfig, CpusConfig, DiskConfig, InvalidConfig, MemoryConfig, NetConfig, OnReboot,
+    RngConfig, SerialConfig, VmConfig, VsockConfig,
 };
 
 /// Larger than any sensible config file; stops `--config /dev/zero` from eating memory.
@@ -85,6 +97,11 @@ pub struct Overrides {
     pub on_reboot: Option<OnReboot>,
     /// Replace the file's disks (if any flag gave one).
     pub disks: Option<Vec<DiskConfig>>,
+    /// Replace the file's NICs (if any flag gave one).
+    pub nets: Option<Vec<NetConfig>>,
+    pub rng: Option<RngConfig>,
+    pub console: Option<ConsoleConfig>,
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -100,6 +117,10 @@ impl VmConfig {
             serial,
             on_reboot,
             disks,
+            nets,
+            rng,
+            console,
+            vsock,
         } = overrides;
         if let Some(kernel) = kernel {
             self.payload.kernel = kernel;
@@ -127,6 +148,18 @@ impl VmConfig {
         }
         if let Some(disks) = disks {
             self.disks = disks;
+        }
+        if let Some(nets) = nets {
+            self.nets = nets;
+        }
+        if rng.is_some() {
+            self.rng = rng;
+        }
+        if let Some(console) = console {
+            self.console = console;
+        }
+        if vsock.is_some() {
+            self.vsock = vsock;
         }
     }
 }
@@ -209,6 +242,7 @@ mod tests {
 
     const TOML: &str = r#"
 serial = { file = "/tmp/console.log" }
+console = { file = "/tmp/hvc0.log" }
 on_reboot = "restart"
 
 [payload]
@@ -226,6 +260,19 @@ size = "1G"
 path = "/var/disk.img"
 readonly = true
 serial = "d0"
+
+[[nets]]
+tap = "tap0"
+mac = "52:54:00:12:34:56"
+
+[[nets]]
+tap = "tap1"
+
+[rng]
+
+[vsock]
+cid = 42
+socket = "/run/vm.vsock"
 "#;
 
     fn full() -> VmConfig {
@@ -246,6 +293,22 @@ serial = "d0"
                 direct: false,
                 serial: Some("d0".into()),
             }],
+            nets: vec![
+                NetConfig {
+                    tap: "tap0".into(),
+                    mac: Some(crate::MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])),
+                },
+                NetConfig {
+                    tap: "tap1".into(),
+                    mac: None,
+                },
+            ],
+            rng: Some(RngConfig::default()),
+            console: ConsoleConfig::File("/tmp/hvc0.log".into()),
+            vsock: Some(VsockConfig {
+                cid: 42,
+                socket: "/run/vm.vsock".into(),
+            }),
         }
     }
 
@@ -402,6 +465,15 @@ serial = "d0"
             serial: Some(SerialConfig::Tty),
             on_reboot: Some(OnReboot::Exit),
             disks: Some(vec![]),
+            nets: Some(vec![]),
+            rng: Some(RngConfig {
+                src: Some("/dev/urandom".into()),
+            }),
+            console: Some(ConsoleConfig::Tty),
+            vsock: Some(VsockConfig {
+                cid: 3,
+                socket: "/v".into(),
+            }),
         });
         assert_eq!(config.payload.kernel, PathBuf::from("/k2"));
         assert_eq!(config.payload.initramfs, Some("/i2".into()));
@@ -412,6 +484,24 @@ serial = "d0"
         assert_eq!(config.serial, SerialConfig::Tty);
         assert_eq!(config.on_reboot, OnReboot::Exit);
         assert!(config.disks.is_empty());
+        assert!(config.nets.is_empty());
+        assert_eq!(config.rng.and_then(|r| r.src), Some("/dev/urandom".into()));
+        assert_eq!(config.console, ConsoleConfig::Tty);
+        assert_eq!(config.vsock.map(|v| v.cid), Some(3));
+    }
+
+    #[test]
+    fn device_values_checked() {
+        let err = toml("[vsock]\ncid = 2\nsocket = \"/v\"\n").expect_err("cid 2");
+        assert_eq!(err.to_string(), "Invalid config file vm.toml: vsock.cid");
+        let err = toml("[[nets]]\ntap = \"\"\n").expect_err("empty tap");
+        assert_eq!(err.to_string(), "Invalid config file vm.toml: nets.tap");
+        let err = toml("[[nets]]\ntap = \"t\"\nmac = \"01:00:00:00:00:00\"\n").expect_err("mac");
+        assert!(err.to_string().contains("multicast"), "{err}");
+        let err = toml("[rng]\nsource = \"/x\"\n").expect_err("unknown");
+        assert!(err.to_string().contains("unknown field `source`"), "{err}");
+        let err = toml("console = \"pty\"\n").expect_err("variant");
+        assert!(err.to_string().contains("unknown variant `pty`"), "{err}");
     }
 
     #[test]

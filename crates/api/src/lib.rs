@@ -6,6 +6,7 @@
 //! - [`config`]: config files (TOML or JSON) and command-line overrides.
 
 pub mod config;
+pub mod devices;
 pub mod disk;
 pub mod option;
 pub mod size;
@@ -16,6 +17,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use config::{ConfigError, Overrides};
+pub use devices::{ConsoleConfig, MacAddr, NetConfig, RngConfig, VsockConfig};
 pub use disk::DiskConfig;
 pub use option::{OptionError, OptionList};
 
@@ -51,6 +53,18 @@ pub struct VmConfig {
     /// virtio-blk disks, in PCI slot order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, in PCI slot order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+    /// A virtio-rng device, if present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<RngConfig>,
+    /// A virtio-console device, unless off.
+    #[serde(default, skip_serializing_if = "ConsoleConfig::is_off")]
+    pub console: ConsoleConfig,
+    /// A virtio-vsock device, if present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 /// What the VM boots: a kernel (with an optional initramfs and command line), or a firmware
@@ -158,6 +172,12 @@ pub enum InvalidConfig {
     CmdlineNul,
     #[error("A disk serial is {0} bytes long; at most 20 fit")]
     DiskSerial(usize),
+    #[error("Tap name {0:?} is empty, longer than 15 bytes or holds a NUL or a slash")]
+    TapName(String),
+    #[error("Guest CID {0} is reserved or out of range (3 to 4294967294)")]
+    VsockCid(u64),
+    #[error("A socket path is {0} bytes long; at most 107 fit")]
+    SocketPathTooLong(usize),
 }
 
 impl InvalidConfig {
@@ -174,6 +194,9 @@ impl InvalidConfig {
             Self::EmptyPath(field) => field,
             Self::CmdlineNul => "payload.cmdline",
             Self::DiskSerial(_) => "disks.serial",
+            Self::TapName(_) => "nets.tap",
+            Self::VsockCid(_) => "vsock.cid",
+            Self::SocketPathTooLong(_) => "vsock.socket",
         }
     }
 }
@@ -231,6 +254,16 @@ impl VmConfig {
         }
         for disk in &self.disks {
             disk.validate()?;
+        }
+        for net in &self.nets {
+            net.validate()?;
+        }
+        if let Some(rng) = &self.rng {
+            rng.validate()?;
+        }
+        self.console.validate()?;
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
         }
         Ok(())
     }

@@ -24,7 +24,7 @@ use std::io::{self, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use api::{Overrides, SerialConfig, VmConfig};
+use api::{ConsoleConfig, Overrides, SerialConfig, VmConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::level_filters::LevelFilter;
 use vmm::VmOutcome;
@@ -86,6 +86,21 @@ struct RunArgs {
     /// O_DIRECT; serial=ID: what the guest reads with GET_ID (at most 20 bytes).
     #[arg(long, value_name = "path=IMG[,readonly=on][,direct=on][,serial=ID]")]
     disk: Vec<String>,
+    /// A virtio-net device on a tap (repeatable): opened, or created if missing (needs
+    /// CAP_NET_ADMIN); mac=: the guest's address.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<String>,
+    /// A virtio-rng device fed by the host's getrandom, or by the file src= names.
+    #[arg(long, value_name = "src=PATH", num_args = 0..=1, default_missing_value = "")]
+    rng: Option<String>,
+    /// A virtio-console (hvc0): output to this terminal (and stdin to it instead of the serial
+    /// port), appended to a file, or no device [default: off]
+    #[arg(long, value_name = "off|tty|file=PATH")]
+    console: Option<String>,
+    /// A virtio-vsock device: the guest's CID (3 or more) and the Unix socket host programs
+    /// connect to (then write `CONNECT <port>`).
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<String>,
     /// Config file: TOML, or JSON if its name ends in .json.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -244,16 +259,11 @@ fn resolve_config(args: &RunArgs) -> Result<VmConfig, InputError> {
         memory: args.memory.as_deref().map(str::parse).transpose()?,
         serial: args.serial.as_deref().map(str::parse).transpose()?,
         on_reboot: args.on_reboot.as_deref().map(str::parse).transpose()?,
-        disks: if args.disk.is_empty() {
-            None
-        } else {
-            Some(
-                args.disk
-                    .iter()
-                    .map(|d| d.parse())
-                    .collect::<Result<_, _>>()?,
-            )
-        },
+        disks: parse_all(&args.disk)?,
+        nets: parse_all(&args.net)?,
+        rng: args.rng.as_deref().map(str::parse).transpose()?,
+        console: args.console.as_deref().map(str::parse).transpose()?,
+        vsock: args.vsock.as_deref().map(str::parse).transpose()?,
     };
     let config = api::config::build(args.config.as_deref(), overrides)?;
     // Validation left exactly one of the two.
@@ -268,6 +278,18 @@ fn resolve_config(args: &RunArgs) -> Result<VmConfig, InputError> {
         check_disk(&disk.path)?;
     }
     Ok(config)
+}
+
+/// A repeatable flag: `None` when not given, so that the config file's list stays.
+fn parse_all<T: std::str::FromStr>(values: &[String]) -> Result<Option<Vec<T>>, T::Err> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    values
+        .iter()
+        .map(|v| v.parse())
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 /// Open it now: a typo in a path is then reported before any VM is built, and as bad input even on
@@ -320,10 +342,10 @@ fn init_logging(level: LevelFilter) {
         .try_init();
 }
 
-/// Raw mode when the guest console is this terminal. A failure only costs line editing, so it is
-/// logged, not fatal.
+/// Raw mode when a guest console (the UART or the virtio-console) is this terminal. A failure
+/// only costs line editing, so it is logged, not fatal.
 fn raw_terminal(config: &VmConfig) -> Option<terminal::RawTerminal> {
-    if config.serial != SerialConfig::Tty {
+    if config.serial != SerialConfig::Tty && config.console != ConsoleConfig::Tty {
         return None;
     }
     match terminal::RawTerminal::enable() {

@@ -21,6 +21,7 @@ use crate::interrupts::GsiRouting;
 use crate::layout;
 use crate::serial_input::SerialInput;
 use crate::vcpu::Vcpu;
+use crate::virtio_devices::Backends;
 use crate::virtio_pci::{BarAllocator, VirtioPci};
 use crate::vm::Vm;
 use crate::{Error, boot, firmware, mptable};
@@ -46,6 +47,8 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
         .as_deref()
         .map(firmware::read_image)
         .transpose()?;
+    // Taps, the vsock socket, output files: also the user's to get right, also before KVM.
+    let backends = Backends::open(config)?;
     let mut vm = Vm::new(mem_size)?;
     let ncpus = config.cpus.boot;
     if usize::from(ncpus) > vm.max_vcpus() {
@@ -91,6 +94,7 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
     for notifier in virtio.add_disks(&config.disks)? {
         subscribers.push(Arc::new(Mutex::new(notifier)));
     }
+    subscribers.extend(virtio.add_devices(backends)?);
     let base_cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(ncpus));
     for id in 0..ncpus {
@@ -181,7 +185,8 @@ fn add_legacy_devices(
         Some(room.clone()),
     )));
     insert(pio, serial.clone(), layout::COM1_PORT, 8)?;
-    if config.serial == api::SerialConfig::Tty {
+    // With `--console tty` stdin goes to the virtio-console: two readers would split keystrokes.
+    if config.serial == api::SerialConfig::Tty && config.console != api::ConsoleConfig::Tty {
         subscribers.push(Arc::new(Mutex::new(SerialInput::new(
             serial,
             libc::STDIN_FILENO,

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod mptable;
 pub mod serial_input;
 pub mod vcpu;
+pub mod virtio_devices;
 pub mod virtio_pci;
 pub mod vm;
 
@@ -55,6 +56,8 @@ pub enum Error {
     SerialFile(std::path::PathBuf, #[source] std::io::Error),
     #[error(transparent)]
     VirtioPci(#[from] virtio_pci::VirtioPciWiringError),
+    #[error(transparent)]
+    Devices(#[from] virtio_devices::DeviceError),
     #[error("Cannot place device on the bus")]
     Bus(#[from] devices::bus::BusError),
     #[error("Event loop failed: {0:?}")]
@@ -71,6 +74,7 @@ impl Error {
             Error::Config(_) | Error::SerialFile(..) => true,
             Error::Boot(e) => e.is_bad_input(),
             Error::VirtioPci(e) => e.is_bad_input(),
+            Error::Devices(e) => e.is_bad_input(),
             Error::Firmware(e) => e.is_bad_input(),
             _ => false,
         }

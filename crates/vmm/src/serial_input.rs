@@ -1,19 +1,41 @@
-//! Host input for the guest's UART: reads stdin only as fast as the guest drains the receive
-//! FIFO, so that no byte is dropped.
+//! Host input for a guest console (the UART, or the virtio-console): reads stdin only as fast as
+//! the guest takes it, so that no byte is dropped.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
 use devices::legacy::Serial;
+use devices::virtio::console::Console;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-pub struct SerialInput {
-    serial: Arc<Mutex<Serial>>,
+/// A device that takes host input with flow control: it takes what fits now, returns how many
+/// bytes that was, and raises its "room" eventfd when it can take more.
+pub trait InputSink: Send {
+    fn enqueue(&mut self, bytes: &[u8]) -> usize;
+}
+
+impl InputSink for Serial {
+    fn enqueue(&mut self, bytes: &[u8]) -> usize {
+        Serial::enqueue(self, bytes)
+    }
+}
+
+impl InputSink for Console {
+    fn enqueue(&mut self, bytes: &[u8]) -> usize {
+        Console::enqueue(self, bytes)
+    }
+}
+
+/// stdin to the UART.
+pub type SerialInput = HostInput<Serial>;
+
+pub struct HostInput<S: InputSink> {
+    sink: Arc<Mutex<S>>,
     input: RawFd,
-    /// Raised by the UART when the guest drained the FIFO after a partial enqueue.
+    /// Raised by the device when the guest made room after a partial enqueue.
     room: Arc<EventFd>,
     /// Read from the host, not yet taken by the UART.
     pending: Vec<u8>,
@@ -21,11 +43,11 @@ pub struct SerialInput {
     input_open: bool,
 }
 
-impl SerialInput {
+impl<S: InputSink> HostInput<S> {
     /// `input` must stay open for the life of this subscriber (stdin does).
-    pub fn new(serial: Arc<Mutex<Serial>>, input: RawFd, room: Arc<EventFd>) -> Self {
+    pub fn new(sink: Arc<Mutex<S>>, input: RawFd, room: Arc<EventFd>) -> Self {
         Self {
-            serial,
+            sink,
             input,
             room,
             pending: Vec::new(),
@@ -46,18 +68,18 @@ impl SerialInput {
                 if e.kind() != std::io::ErrorKind::WouldBlock
                     && e.kind() != std::io::ErrorKind::Interrupted
                 {
-                    tracing::warn!("serial input closed: {e}");
+                    tracing::warn!("console input closed: {e}");
                     self.input_open = false;
                 }
             }
         }
     }
 
-    /// Offer pending bytes to the UART, then watch the input only if there is room for more.
+    /// Offer pending bytes to the device, then watch the input only if there is room for more.
     fn pump(&mut self, ops: &mut EventOps) {
         if !self.pending.is_empty() {
-            let n = lock(&self.serial).enqueue(&self.pending);
-            self.pending.drain(..n);
+            let n = lock(&self.sink).enqueue(&self.pending);
+            self.pending.drain(..n.min(self.pending.len()));
         }
         let want = self.input_open && self.pending.is_empty();
         if want != self.watching_input {
@@ -67,7 +89,7 @@ impl SerialInput {
                 Ok(()) => self.watching_input = want,
                 Err(e) => {
                     // Not pollable (a regular file, /dev/null): no input for the guest.
-                    tracing::debug!(?e, "serial input not watchable");
+                    tracing::debug!(?e, "console input not watchable");
                     self.input_open = false;
                     self.watching_input = false;
                 }
@@ -76,7 +98,7 @@ impl SerialInput {
     }
 }
 
-impl MutEventSubscriber for SerialInput {
+impl<S: InputSink> MutEventSubscriber for HostInput<S> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.room.as_raw_fd() {
             let _ = self.room.read();
@@ -93,7 +115,7 @@ impl MutEventSubscriber for SerialInput {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(self.room.as_ref(), EventSet::IN)) {
-            tracing::error!(?e, "cannot watch serial FIFO room");
+            tracing::error!(?e, "cannot watch console input room");
         }
         self.pump(ops);
     }

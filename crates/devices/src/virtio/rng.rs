@@ -32,6 +32,8 @@ pub enum RngError {
     GetRandom(#[source] io::Error),
     #[error("Host getrandom returned no bytes")]
     NoBytes,
+    #[error("Cannot read the random source")]
+    Read(#[source] io::Error),
 }
 
 /// Where random bytes come from: the backend of a virtio-rng device.
@@ -66,6 +68,17 @@ impl EntropySource for HostRandom {
             }
         }
         Ok(())
+    }
+}
+
+/// A file of random bytes (`/dev/urandom`, `/dev/hwrng`, ...), read as the guest asks.
+#[derive(Debug)]
+pub struct FileRandom(pub std::fs::File);
+
+impl EntropySource for FileRandom {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), RngError> {
+        // read_exact retries on EINTR; a source at its end fails the request (length 0).
+        io::Read::read_exact(&mut self.0, buf).map_err(RngError::Read)
     }
 }
 

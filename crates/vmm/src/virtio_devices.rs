@@ -1,0 +1,279 @@
+//! The virtio devices besides disks: net, rng, console and vsock.
+//!
+//! Their host backends (taps, the vsock socket, output files) are opened by [`Backends::open`]
+//! before KVM is touched, so that a user's mistake (a tap that cannot be opened, a socket in a
+//! missing directory) is reported as such. [`VirtioPci::add_devices`] then gives each device a
+//! PCI function exactly as a disk gets one ([`VirtioPci::add`]: slot, MSI-X vectors, BARs,
+//! queue notifier), plus an event-loop subscriber for its backend where it has one:
+//!
+//! - virtio-net: the tap fd, watched edge-triggered ([`Net::process_backend`] reads only while
+//!   the guest has buffers, so a level-triggered watch would spin).
+//! - virtio-vsock: the backend's epoll fd (listener, connections, timer), watched for input.
+//! - virtio-console with `--console tty`: stdin, through the same flow-controlled reader as the
+//!   UART ([`HostInput`]), which then gets no input.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock;
+use devices::virtio::VirtioDevice;
+use devices::virtio::console::{Console, ConsoleOptions};
+use devices::virtio::net::{Net, NetConfig, Tap, TapError};
+use devices::virtio::rng::{EntropySource, FileRandom, HostRandom, Rng};
+use devices::virtio::vsock::{Vsock, VsockError};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::serial_input::HostInput;
+use crate::virtio_pci::{VirtioPci, VirtioPciWiringError};
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("Cannot open the tap of NIC {index}")]
+    Tap {
+        index: usize,
+        #[source]
+        source: TapError,
+    },
+    #[error("Cannot set up virtio-vsock")]
+    Vsock(#[source] VsockError),
+    #[error("Cannot open console output {}", .0.display())]
+    ConsoleFile(PathBuf, #[source] std::io::Error),
+    #[error("Cannot open random source {}", .0.display())]
+    RngSource(PathBuf, #[source] std::io::Error),
+    #[error("Random source {} is a directory", .0.display())]
+    RngSourceDir(PathBuf),
+    #[error("Cannot set up {0}")]
+    Host(&'static str, #[source] std::io::Error),
+    #[error(transparent)]
+    Pci(#[from] VirtioPciWiringError),
+}
+
+impl DeviceError {
+    /// What the user asked for cannot be had: a tap that cannot be opened or created, a vsock
+    /// CID or socket path that is refused, an output or source file that does not open.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Self::Tap { source, .. } => !matches!(source, TapError::Ioctl { .. }),
+            Self::Vsock(e) => e.is_bad_input(),
+            Self::ConsoleFile(..) | Self::RngSource(..) | Self::RngSourceDir(_) => true,
+            Self::Pci(e) => e.is_bad_input(),
+            Self::Host(..) => false,
+        }
+    }
+}
+
+/// The console's host side.
+struct ConsoleBackend {
+    output: Box<dyn Write + Send>,
+    /// stdin goes to this console (`--console tty`).
+    stdin: bool,
+    size: Option<(u16, u16)>,
+}
+
+/// Host backends of the configured devices, opened and not yet attached to a VM.
+pub struct Backends {
+    nets: Vec<(Tap, Option<[u8; 6]>)>,
+    rng: Option<Box<dyn EntropySource>>,
+    console: Option<ConsoleBackend>,
+    vsock: Option<Vsock>,
+}
+
+impl Backends {
+    pub fn open(config: &api::VmConfig) -> Result<Self, DeviceError> {
+        let nets = config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(index, net)| {
+                let tap =
+                    Tap::open(&net.tap).map_err(|source| DeviceError::Tap { index, source })?;
+                Ok((tap, net.mac.map(|m| m.0)))
+            })
+            .collect::<Result<_, DeviceError>>()?;
+        let rng = config.rng.as_ref().map(open_rng).transpose()?;
+        let console = open_console(&config.console)?;
+        let vsock = config
+            .vsock
+            .as_ref()
+            .map(|v| Vsock::new(v.cid, &v.socket).map_err(DeviceError::Vsock))
+            .transpose()?;
+        Ok(Self {
+            nets,
+            rng,
+            console,
+            vsock,
+        })
+    }
+}
+
+fn open_rng(config: &api::RngConfig) -> Result<Box<dyn EntropySource>, DeviceError> {
+    let Some(path) = &config.src else {
+        return Ok(Box::new(HostRandom));
+    };
+    let err = |e| DeviceError::RngSource(path.clone(), e);
+    let file = File::open(path).map_err(err)?;
+    if file.metadata().map_err(err)?.is_dir() {
+        return Err(DeviceError::RngSourceDir(path.clone()));
+    }
+    Ok(Box::new(FileRandom(file)))
+}
+
+fn open_console(config: &api::ConsoleConfig) -> Result<Option<ConsoleBackend>, DeviceError> {
+    Ok(match config {
+        api::ConsoleConfig::Off => None,
+        api::ConsoleConfig::Tty => {
+            // Unbuffered, like the UART's: the device flushes once per batch anyway.
+            let fd = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| DeviceError::Host("stdout", e))?;
+            Some(ConsoleBackend {
+                output: Box::new(File::from(fd)),
+                stdin: true,
+                size: terminal_size(),
+            })
+        }
+        api::ConsoleConfig::File(path) => Some(ConsoleBackend {
+            output: Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| DeviceError::ConsoleFile(path.clone(), e))?,
+            ),
+            stdin: false,
+            size: None,
+        }),
+    })
+}
+
+/// The size of the terminal on stdin, if it is one: (cols, rows).
+fn terminal_size() -> Option<(u16, u16)> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return None;
+    }
+    // SAFETY: winsize is plain data; all zero is a valid value.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize through the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(stdin.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
+}
+
+impl VirtioPci<'_> {
+    /// Put every device of `backends` on PCI (NICs in order, then rng, console, vsock) and
+    /// return the event-loop subscribers that serve them.
+    pub fn add_devices(&mut self, backends: Backends) -> Result<Vec<Subscriber>, DeviceError> {
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut push_notifier = |s: crate::virtio_pci::QueueNotifier| {
+            subscribers.push(Arc::new(Mutex::new(s)));
+        };
+        let mut backend_subs: Vec<Subscriber> = Vec::new();
+
+        for (tap, mac) in backends.nets {
+            let name = tap.name().to_owned();
+            let net = Arc::new(Mutex::new(Net::new(tap, NetConfig { mac, mtu: None })));
+            let device: Arc<Mutex<dyn VirtioDevice>> = net.clone();
+            let (bdf, notifier) = self.add(device)?;
+            tracing::debug!(%bdf, tap = %name, "virtio-net");
+            push_notifier(notifier);
+            let fd = lock(&net).backend_fd();
+            backend_subs.push(BackendWatcher::subscriber(fd, true, move || {
+                lock(&net).process_backend();
+            }));
+        }
+
+        if let Some(source) = backends.rng {
+            let device: Arc<Mutex<dyn VirtioDevice>> =
+                Arc::new(Mutex::new(Rng::with_source(source)));
+            let (bdf, notifier) = self.add(device)?;
+            tracing::debug!(%bdf, "virtio-rng");
+            push_notifier(notifier);
+        }
+
+        if let Some(console) = backends.console {
+            let room = Arc::new(
+                EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::Host("eventfd", e))?,
+            );
+            let options = ConsoleOptions {
+                size: console.size,
+                emerg_write: true,
+            };
+            let dev = Arc::new(Mutex::new(Console::new(
+                console.output,
+                console
+                    .stdin
+                    .then(|| room.clone() as Arc<dyn devices::interrupt::IrqLine>),
+                options,
+            )));
+            let device: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+            let (bdf, notifier) = self.add(device)?;
+            tracing::debug!(%bdf, "virtio-console");
+            push_notifier(notifier);
+            if console.stdin {
+                backend_subs.push(Arc::new(Mutex::new(HostInput::new(
+                    dev,
+                    libc::STDIN_FILENO,
+                    room,
+                ))));
+            }
+        }
+
+        if let Some(vsock) = backends.vsock {
+            let cid = vsock.guest_cid();
+            let fd = vsock.backend_fd();
+            let vsock = Arc::new(Mutex::new(vsock));
+            let device: Arc<Mutex<dyn VirtioDevice>> = vsock.clone();
+            let (bdf, notifier) = self.add(device)?;
+            tracing::debug!(%bdf, cid, "virtio-vsock");
+            push_notifier(notifier);
+            backend_subs.push(BackendWatcher::subscriber(fd, false, move || {
+                lock(&vsock).process_backend();
+            }));
+        }
+
+        subscribers.extend(backend_subs);
+        Ok(subscribers)
+    }
+}
+
+/// Watches a device backend's fd in the event loop and lets the device serve it, under the
+/// device's lock. The closure holds the device, so the fd stays open while it is watched.
+pub struct BackendWatcher {
+    fd: RawFd,
+    edge: bool,
+    process: Box<dyn FnMut() + Send>,
+}
+
+impl BackendWatcher {
+    fn subscriber(fd: RawFd, edge: bool, process: impl FnMut() + Send + 'static) -> Subscriber {
+        Arc::new(Mutex::new(Self {
+            fd,
+            edge,
+            process: Box::new(process),
+        }))
+    }
+}
+
+impl MutEventSubscriber for BackendWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        (self.process)();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut set = EventSet::IN;
+        if self.edge {
+            set |= EventSet::EDGE_TRIGGERED;
+        }
+        if let Err(e) = ops.add(Events::new_raw(self.fd, set)) {
+            tracing::error!(?e, fd = self.fd, "cannot watch a device backend");
+        }
+    }
+}
