@@ -30,13 +30,13 @@ int guest_main(struct boot_info *bi)
 	if (virtio_init(&d, VIRTIO_ID_NET, 0) || virtio_negotiate(&d, VIRTIO_NET_F_MAC) ||
 	    virtio_queue_init(&d, 0, 16, 1) || virtio_queue_init(&d, 1, 8, 1))
 		return 1;
-	if (!(d.features & VIRTIO_NET_F_MAC)) {
+	/* Without VIRTIO_NET_F_MAC the driver makes one up, as Linux does (locally administered). */
+	u8 mac[6] = { 0x02, 0x00, 0x00, 0x00, 0x88, 0xB5 };
+	if (d.features & VIRTIO_NET_F_MAC)
+		for (u32 i = 0; i < 6; i++)
+			mac[i] = virtio_cfg8(&d, i);
+	else
 		print("no MAC offered\n");
-		return 1;
-	}
-	u8 mac[6];
-	for (u32 i = 0; i < 6; i++)
-		mac[i] = virtio_cfg8(&d, i);
 	print("mac %02x:%02x:%02x:%02x:%02x:%02x\n", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]);
 	virtio_driver_ok(&d);
 

@@ -132,7 +132,9 @@ impl SgList {
             }
             let inside = at - pos;
             if inside < r.len {
-                rest.push(r.addr.wrapping_add(inside), r.len - inside);
+                // A range that wraps around the address space has no address past the wrap:
+                // saturate, so that the piece is unreachable rather than at a wrapped address.
+                rest.push(r.addr.saturating_add(inside), r.len - inside);
                 r.len = inside;
                 keep = i + 1;
                 break;

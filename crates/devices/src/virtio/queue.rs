@@ -112,7 +112,10 @@ where
         });
     }
     if order_broken {
-        let status = (writable && len > 0).then(|| addr.wrapping_add(len - 1));
+        // No status byte in a buffer that wraps around the address space.
+        let status = (writable && len > 0)
+            .then_some(())
+            .and_then(|()| addr.checked_add(len - 1));
         return Err(ChainFault {
             error: ChainError::Order,
             status,

@@ -884,6 +884,42 @@ fn chain_longer_than_the_queue() {
     assert!(!irq.needs_reset());
 }
 
+/// Found by the virtio_blk fuzz target: a writable buffer that wraps around the address space
+/// put the status byte at a wrapped address (u64::MAX + 15 = 0xe, inside the descriptor
+/// table). Such a buffer has no reachable status byte: the chain goes back with length 0 and
+/// guest memory is untouched.
+#[test]
+fn buffers_wrapping_around_the_address_space() {
+    let mem = test_memory();
+    let mut drv = TestDriver::new(&mem, 16);
+    let disk = Disk::new(DISK_SECTORS);
+    let mut dev = disk.device(&BlockOptions::default());
+    let _irq = activate(&mut dev, &drv, &mem);
+    drv.write(HDR, &header(VIRTIO_BLK_T_GET_ID, 0));
+    let chains: [&[Desc]; 3] = [
+        &[Desc::w(u64::MAX, 16)],
+        &[Desc::r(HDR, 16), Desc::w(u64::MAX - 3, 16)],
+        // Readable after writable: the status would be the last writable byte.
+        &[
+            Desc::w(DATA, 4),
+            Desc::r(HDR, 16),
+            Desc::w(u64::MAX - 3, 16),
+        ],
+    ];
+    let (_, _, used) = drv.ring_addresses();
+    for (k, descs) in chains.into_iter().enumerate() {
+        drv.add(descs);
+        let before = drv.read(0, used as usize);
+        dev.process_queue(0);
+        assert_eq!(drv.used(k as u16).1, 0);
+        // Nothing below the used ring moved (the descriptor table and available ring).
+        let now = drv.read(0, used as usize);
+        let changed: Vec<usize> = (0..now.len()).filter(|&i| before[i] != now[i]).collect();
+        assert!(changed.is_empty(), "guest memory written at {changed:x?}");
+    }
+    assert_eq!(drv.used_idx(), 3);
+}
+
 #[test]
 fn unreachable_rings_need_reset() {
     let mem = test_memory();
