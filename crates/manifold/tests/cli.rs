@@ -299,3 +299,182 @@ fn disk_bad_input() {
     assert_eq!(disks[1]["readonly"], true);
     assert_eq!(disks[1]["direct"], true);
 }
+
+#[test]
+fn rng_and_console_bad_input() {
+    let s = Scratch::new("rng-console");
+    let kernel = s.file("vmlinux", "");
+    let run = |flag: &str, value: &str, needle: &str| {
+        assert_bad_input(&["run", "--kernel", &kernel, flag, value], needle);
+    };
+    run("--rng", "src=", "--rng: Invalid src=: Empty path");
+    run(
+        "--rng",
+        "file=/x",
+        "--rng: Unknown key `file` (expected src)",
+    );
+    // Found when the backends are opened, still before any VM exists.
+    run(
+        "--rng",
+        "src=/nonexistent/random",
+        "Cannot open random source /nonexistent/random: No such file or directory",
+    );
+    run("--rng", "src=/", "Random source / is a directory");
+    run(
+        "--console",
+        "pty",
+        "--console: Expected one of off, tty or file=PATH, got `pty`",
+    );
+    run("--console", "file=", "--console: Invalid file=: Empty path");
+    run(
+        "--console",
+        "file=/nonexistent/hvc0.log",
+        "Cannot open console output /nonexistent/hvc0.log",
+    );
+}
+
+#[test]
+fn net_bad_input() {
+    let s = Scratch::new("net");
+    let kernel = s.file("vmlinux", "");
+    let run = |value: &str, needle: &str| {
+        assert_bad_input(&["run", "--kernel", &kernel, "--net", value], needle);
+    };
+    run(
+        "mac=52:54:00:00:00:01",
+        "--net: `tap` is required (tap=...)",
+    );
+    run("tap=", "--net: Invalid tap=: Tap name \"\" is empty");
+    run(
+        "tap=sixteen-bytes-xx",
+        "Tap name \"sixteen-bytes-xx\" is empty, longer than 15 bytes",
+    );
+    run(
+        "tap=t0,mac=52:54:00:00:00",
+        "--net: Invalid mac=52:54:00:00:00: Expected six hex bytes",
+    );
+    run(
+        "tap=t0,mac=01:00:5e:00:00:01",
+        "A multicast address cannot be a NIC's address",
+    );
+    run("tap=t0,ip=10.0.0.1", "--net: Unknown key `ip`");
+    // An interface that exists and is not a tap (without the rights to /dev/net/tun the
+    // error is about that instead; either way the tap cannot be opened).
+    run("tap=lo", "Cannot open the tap of NIC 0: ");
+}
+
+#[test]
+fn vsock_bad_input() {
+    let s = Scratch::new("vsock");
+    let kernel = s.file("vmlinux", "");
+    let run = |value: &str, needle: &str| {
+        assert_bad_input(&["run", "--kernel", &kernel, "--vsock", value], needle);
+    };
+    run(
+        "cid=2,socket=/tmp/v.sock",
+        "--vsock: Invalid cid=2: Guest CID 2 is reserved or out of range (3 to 4294967294)",
+    );
+    run(
+        "cid=4294967295,socket=/tmp/v.sock",
+        "Invalid cid=4294967295",
+    );
+    run(
+        "cid=three,socket=/tmp/v.sock",
+        "Invalid cid=three: Expected a whole number",
+    );
+    run("cid=3", "--vsock: `socket` is required (socket=...)");
+    run("socket=/tmp/v.sock", "--vsock: `cid` is required (cid=...)");
+    run(
+        &format!("cid=3,socket=/{}", "s".repeat(120)),
+        "A socket path is 121 bytes long; at most 107 fit",
+    );
+    // A directory that does not exist: the socket cannot be created.
+    run(
+        "cid=3,socket=/nonexistent/v.sock",
+        "Cannot set up virtio-vsock: Cannot listen on /nonexistent/v.sock",
+    );
+    // Something that is not a socket is never replaced.
+    let file = s.file("not-a-socket", "");
+    run(
+        &format!("cid=3,socket={file}"),
+        "exists and is not a socket",
+    );
+    assert!(Path::new(&file).exists());
+}
+
+#[test]
+fn device_options_in_dry_run() {
+    let s = Scratch::new("devices-dry-run");
+    let kernel = s.file("vmlinux", "");
+    let sock = s.0.join("v.sock");
+    let sock = path_str(&sock);
+    let out = manifold(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--net",
+        "tap=tap0,mac=52:54:00:AB:CD:01",
+        "--net",
+        "tap=tap1",
+        "--rng",
+        "--console",
+        "tty",
+        "--vsock",
+        &format!("cid=42,socket={sock}"),
+        "--dry-run",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        json["nets"],
+        serde_json::json!([{"tap": "tap0", "mac": "52:54:00:ab:cd:01"}, {"tap": "tap1"}])
+    );
+    assert_eq!(json["rng"], serde_json::json!({}));
+    assert_eq!(json["console"], "tty");
+    assert_eq!(
+        json["vsock"],
+        serde_json::json!({"cid": 42, "socket": sock})
+    );
+    // --dry-run opens no backend.
+    assert!(!Path::new(&sock).exists());
+
+    // The config file gives the same keys; flags override them.
+    let config = s.file(
+        "vm.toml",
+        &format!(
+            "console = {{ file = \"/tmp/hvc0.log\" }}\n[payload]\nkernel = \"{kernel}\"\n\
+             [[nets]]\ntap = \"ftap\"\n[rng]\nsrc = \"/dev/urandom\"\n\
+             [vsock]\ncid = 5\nsocket = \"{sock}\"\n"
+        ),
+    );
+    let out = manifold(&[
+        "run",
+        "--config",
+        &config,
+        "--vsock",
+        &format!("cid=6,socket={sock}"),
+        "--dry-run",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["nets"], serde_json::json!([{"tap": "ftap"}]));
+    assert_eq!(json["rng"]["src"], "/dev/urandom");
+    assert_eq!(json["console"]["file"], "/tmp/hvc0.log");
+    assert_eq!(json["vsock"]["cid"], 6);
+
+    let out = manifold(&["run", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--net", "--rng", "--console", "--vsock"] {
+        assert!(help.contains(flag), "{flag} missing from help");
+    }
+}
