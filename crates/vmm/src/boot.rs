@@ -195,6 +195,7 @@ pub fn load(
         };
     }
     params.e820_entries = map.len() as u8;
+    params.acpi_rsdp_addr = crate::acpi::RSDP_ADDR;
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
         mem,
@@ -229,6 +230,7 @@ fn write_pvh(
         cmdline_paddr: CMDLINE,
         memmap_paddr: PVH_MEMMAP,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: crate::acpi::RSDP_ADDR,
         ..Default::default()
     };
     let mut params = BootParams::new(&start_info, GuestAddress(ZERO_PAGE));

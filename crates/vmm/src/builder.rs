@@ -24,7 +24,7 @@ use crate::vcpu::Vcpu;
 use crate::virtio_devices::Backends;
 use crate::virtio_pci::{BarAllocator, VirtioPci};
 use crate::vm::Vm;
-use crate::{Error, boot, firmware, mptable};
+use crate::{Error, acpi, boot, firmware, mptable};
 
 /// A VM whose vCPUs are ready to be started.
 pub struct BuiltVm {
@@ -70,6 +70,7 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
         None => {
             let payload = boot::load(&mem, mem_size, &config.payload)?;
             mptable::setup(&mem, ncpus)?;
+            acpi::setup(&mem, ncpus, mem_size)?;
             Some(payload)
         }
     };
@@ -167,7 +168,8 @@ fn add_firmware_devices(
     Ok(())
 }
 
-/// COM1, i8042, CMOS, POST and debug-exit on the port I/O bus.
+/// COM1, i8042, CMOS, POST, the ACPI sleep and reset registers and debug-exit on the port
+/// I/O bus.
 fn add_legacy_devices(
     vm: &Vm,
     config: &api::VmConfig,
@@ -184,7 +186,7 @@ fn add_legacy_devices(
         serial_output(&config.serial)?,
         Some(room.clone()),
     )));
-    insert(pio, serial.clone(), layout::COM1_PORT, 8)?;
+    insert(pio, serial.clone(), layout::COM1_PORT, layout::COM1_LEN)?;
     // With `--console tty` stdin goes to the virtio-console: two readers would split keystrokes.
     if config.serial == api::SerialConfig::Tty && config.console != api::ConsoleConfig::Tty {
         subscribers.push(Arc::new(Mutex::new(SerialInput::new(
@@ -214,6 +216,12 @@ fn add_legacy_devices(
         Arc::new(Mutex::new(legacy::PostCode::default())),
         layout::POST_PORT,
         1,
+    )?;
+    insert(
+        pio,
+        Arc::new(Mutex::new(legacy::AcpiSleep::new(events.clone()))),
+        layout::ACPI_SLEEP_PORT,
+        legacy::AcpiSleep::LEN,
     )?;
     insert(
         pio,

@@ -58,6 +58,8 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
 
 /// Fixed ports of the PC platform.
 pub const COM1_PORT: u64 = 0x3f8;
+/// A 16550 UART has eight registers.
+pub const COM1_LEN: u64 = 8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u64 = 0x60;
 pub const I8042_CMD_PORT: u64 = 0x64;
@@ -72,7 +74,8 @@ pub const FW_CFG_PORT: u64 = 0x510;
 pub const FW_CFG_LEN: u64 = 0xc;
 /// QEMU's debug console (`isa-debugcon`), where SeaBIOS writes its log.
 pub const DEBUGCON_PORT: u64 = 0x402;
-/// ACPI hardware-reduced sleep control (write) and status (read) registers.
+/// ACPI hardware-reduced sleep control (write) and status (read) registers; the reset
+/// register is the next port (`devices::legacy::AcpiSleep`).
 pub const ACPI_SLEEP_PORT: u64 = 0x600;
 
 /// The PCI 64-bit window for `mem_size` bytes of RAM: (start, size).

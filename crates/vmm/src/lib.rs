@@ -3,6 +3,7 @@
 //! Threads: the caller's thread runs the event loop (stdin, signals, VM control); one thread per
 //! vCPU runs [`vcpu::Vcpu::run`].
 
+pub mod acpi;
 pub mod boot;
 pub mod builder;
 pub mod complete;
@@ -50,6 +51,8 @@ pub enum Error {
     Vcpu(#[from] vcpu::VcpuError),
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Firmware(#[from] firmware::FirmwareError),
     #[error("Cannot open serial output {0}")]
