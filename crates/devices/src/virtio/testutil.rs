@@ -5,10 +5,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::VirtioInterrupt;
@@ -53,39 +52,74 @@ impl Desc {
     }
 }
 
-/// The driver's side of one split queue laid out at guest address 0 by virtio-queue's mock.
+/// The driver's side of one split queue, laid out by hand (virtio 1.2, 2.7): descriptor table,
+/// then the available ring (flags, idx, ring, used_event), then the used ring 4-byte aligned
+/// (flags, idx, ring, avail_event). Not virtio-queue 0.18's `MockSplitQueue`: it places the
+/// used ring at the available ring's end counted in entries rather than bytes, over the upper
+/// half of the available ring and its `used_event`, which breaks any test that posts more than
+/// half a queue or relies on EVENT_IDX.
 pub struct TestDriver<'a> {
     mem: &'a PhysMemory,
-    mock: MockSplitQueue<'a, PhysMemory>,
     size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
     next_desc: u16,
     avail_idx: u16,
 }
 
 impl<'a> TestDriver<'a> {
+    /// A queue with its descriptor table at guest address 0 (buffers go from 0x10000).
     pub fn new(mem: &'a PhysMemory, size: u16) -> Self {
+        Self::at(mem, 0, size)
+    }
+
+    /// A queue with its descriptor table at `base`; the rings take
+    /// [`TestDriver::rings_len`]`(size)` bytes from there.
+    pub fn at(mem: &'a PhysMemory, base: u64, size: u16) -> Self {
+        let n = u64::from(size);
+        let avail = base + 16 * n;
+        let used = (avail + 6 + 2 * n).next_multiple_of(4);
+        // Flags, indexes and event fields start at 0.
+        let len = usize::try_from(used + 6 + 8 * n - base).expect("ring length");
+        mem.write_slice(&vec![0u8; len], GuestAddress(base))
+            .expect("rings in test memory");
         Self {
             mem,
-            mock: MockSplitQueue::new(mem, size),
             size,
+            desc: base,
+            avail,
+            used,
             next_desc: 0,
             avail_idx: 0,
         }
     }
 
+    /// Bytes the three rings of a queue of `size` take.
+    pub fn rings_len(size: u16) -> u64 {
+        let n = u64::from(size);
+        (16 * n + 6 + 2 * n).next_multiple_of(4) + 6 + 8 * n
+    }
+
     /// The device's view of the queue, ready, as a transport would hand it over.
     pub fn queue(&self) -> Queue {
-        self.mock.create_queue().expect("mock queue")
+        let mut q = Queue::new(self.size).expect("queue size");
+        q.set_size(self.size);
+        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+        let (lo, hi) = split(self.desc);
+        q.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(self.avail);
+        q.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(self.used);
+        q.set_used_ring_address(lo, hi);
+        q.set_ready(true);
+        q
     }
 
     /// Guest addresses of the descriptor table, available ring and used ring, for a test that
     /// programs them through a transport.
     pub fn ring_addresses(&self) -> (u64, u64, u64) {
-        (
-            self.mock.desc_table_addr().0,
-            self.mock.avail_addr().0,
-            self.mock.used_addr().0,
-        )
+        (self.desc, self.avail, self.used)
     }
 
     pub fn next_free(&self) -> u16 {
@@ -94,10 +128,13 @@ impl<'a> TestDriver<'a> {
 
     /// Store a raw descriptor at `index` of the table.
     pub fn write_raw(&mut self, index: u16, d: Descriptor) {
-        self.mock
-            .desc_table()
-            .store(index, RawDescriptor::from(d))
-            .expect("descriptor index");
+        assert!(index < self.size, "descriptor index");
+        self.mem
+            .write_obj(
+                RawDescriptor::from(d),
+                GuestAddress(self.desc + 16 * u64::from(index)),
+            )
+            .expect("descriptor");
         if index >= self.next_desc {
             self.next_desc = (index + 1) % self.size;
         }
@@ -123,35 +160,47 @@ impl<'a> TestDriver<'a> {
 
     /// Put `head` in the available ring and bump the index.
     pub fn publish(&mut self, head: u16) {
-        let slot = usize::from(self.avail_idx % self.size);
-        self.mock
-            .avail()
-            .ring()
-            .ref_at(slot)
-            .expect("avail slot")
-            .store(head.to_le());
+        let slot = u64::from(self.avail_idx % self.size);
+        self.mem
+            .write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * slot))
+            .expect("avail slot");
         self.set_avail_idx(self.avail_idx.wrapping_add(1));
     }
 
     pub fn set_avail_idx(&mut self, idx: u16) {
         self.avail_idx = idx;
-        self.mock.avail().idx().store(idx.to_le());
+        self.mem
+            .write_obj(idx.to_le(), GuestAddress(self.avail + 2))
+            .expect("avail idx");
     }
 
     pub fn used_idx(&self) -> u16 {
-        u16::from_le(self.mock.used().idx().load())
+        u16::from_le(
+            self.mem
+                .read_obj(GuestAddress(self.used + 2))
+                .expect("used idx"),
+        )
     }
 
     /// Used ring entry `i` (counting from the start): (head, length).
     pub fn used(&self, i: u16) -> (u32, u32) {
-        let e: VirtqUsedElem = self
-            .mock
-            .used()
-            .ring()
-            .ref_at(usize::from(i % self.size))
-            .expect("used slot")
-            .load();
+        let addr = self.used + 4 + 8 * u64::from(i % self.size);
+        let e: VirtqUsedElem = self.mem.read_obj(GuestAddress(addr)).expect("used slot");
         (e.id(), e.len())
+    }
+
+    /// The driver's `used_event` (EVENT_IDX): the device interrupts when it passes this index.
+    pub fn set_used_event(&self, idx: u16) {
+        let addr = self.avail + 4 + 2 * u64::from(self.size);
+        self.mem
+            .write_obj(idx.to_le(), GuestAddress(addr))
+            .expect("used_event");
+    }
+
+    /// The device's `avail_event` (EVENT_IDX): the driver kicks when it passes this index.
+    pub fn avail_event(&self) -> u16 {
+        let addr = self.used + 4 + 8 * u64::from(self.size);
+        u16::from_le(self.mem.read_obj(GuestAddress(addr)).expect("avail_event"))
     }
 
     pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
