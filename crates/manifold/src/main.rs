@@ -9,7 +9,7 @@
 //! |-------------------|------------------------------------------------------------------------|
 //! | 0                 | the guest shut down, or reset with `--on-reboot exit`; `--help`, `--version` |
 //! | 1                 | the VMM failed (error printed with its causes)                         |
-//! | 2                 | bad input: unknown flag, malformed value, unreadable or invalid config file, missing or unreadable kernel/initramfs/firmware/disk image, a firmware image of a bad size, and every `vmm::Error` whose `is_bad_input()` is true (e.g. a kernel that is neither ELF nor bzImage, an unopenable serial file) |
+//! | 2                 | bad input: unknown flag, malformed value, unreadable or invalid config file, missing or unreadable kernel/initramfs/firmware/disk image, a firmware image of a bad size, and every `vmm::Error` whose `is_bad_input()` is true (e.g. a kernel that is neither ELF nor bzImage, an unopenable serial file, a tap that cannot be opened, a vsock socket that cannot be created) |
 //! | `(v << 1) \| 1` & 0xff | the guest wrote `v` to the debug-exit port (as QEMU's isa-debug-exit; always odd, so `v = 0` gives 1) |
 //! | 128 + N           | stopped by signal N (SIGINT, SIGTERM, SIGHUP)                          |
 //! | 101 or 134        | a bug: manifold panicked (101 in debug builds, 134 = SIGABRT in release, where panics abort) |
