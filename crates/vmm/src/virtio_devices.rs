@@ -14,7 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -217,6 +217,13 @@ impl VirtioPci<'_> {
             let (bdf, notifier) = self.add(device)?;
             tracing::debug!(%bdf, "virtio-console");
             push_notifier(notifier);
+            if console.size.is_some() {
+                // The size is only known (and only changes) on a terminal.
+                match ConsoleResize::new(dev.clone()) {
+                    Ok(resize) => backend_subs.push(Arc::new(Mutex::new(resize))),
+                    Err(e) => tracing::warn!("virtio-console: size changes not followed: {e}"),
+                }
+            }
             if console.stdin {
                 backend_subs.push(Arc::new(Mutex::new(HostInput::new(
                     dev,
@@ -274,6 +281,68 @@ impl MutEventSubscriber for BackendWatcher {
         }
         if let Err(e) = ops.add(Events::new_raw(self.fd, set)) {
             tracing::error!(?e, fd = self.fd, "cannot watch a device backend");
+        }
+    }
+}
+
+/// Follows the terminal's size (SIGWINCH, read through a signalfd) into the console's config
+/// space.
+struct ConsoleResize {
+    console: Arc<Mutex<Console>>,
+    fd: OwnedFd,
+}
+
+impl ConsoleResize {
+    /// Blocks SIGWINCH in this thread, and so in the vCPU threads it spawns later, so that only
+    /// the signalfd sees it.
+    fn new(console: Arc<Mutex<Console>>) -> std::io::Result<Self> {
+        // SAFETY: sigset_t is plain data that sigemptyset initialises.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t and SIGWINCH a valid signal.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGWINCH);
+        }
+        // SAFETY: valid set pointer; a null old-set pointer is allowed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        // SAFETY: valid set pointer; -1 asks for a new fd.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: signalfd returned a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { console, fd })
+    }
+}
+
+impl MutEventSubscriber for ConsoleResize {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let len = std::mem::size_of::<libc::signalfd_siginfo>();
+        // Drain every pending SIGWINCH; only the size now matters.
+        // SAFETY: each read writes at most `len` bytes into `info`, which is that large.
+        while unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&raw mut info).cast::<libc::c_void>(),
+                len,
+            )
+        } > 0
+        {}
+        if let Some((cols, rows)) = terminal_size() {
+            tracing::debug!(cols, rows, "virtio-console: terminal resized");
+            lock(&self.console).set_size(cols, rows);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            tracing::error!(?e, "cannot watch SIGWINCH");
         }
     }
 }
