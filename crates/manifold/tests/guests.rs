@@ -579,3 +579,53 @@ fn seabios_boots_a_virtio_blk_disk() {
         }
     }
 }
+
+/// The acpi-off guest finds the RSDP both from the boot parameters and by scanning the BIOS area,
+/// checksums every table, reads the MADT, MCFG and the DSDT's `\_S5_`, then powers off through
+/// the FADT's sleep control register: manifold ends with status 0 on a shutdown, not a reset.
+fn acpi_poweroff(guest_name: &str, cpus: u8) {
+    let out = run(&[
+        "run",
+        "--kernel",
+        &path(guest_name),
+        "--cpus",
+        &format!("boot={cpus}"),
+        "--memory",
+        "size=64M",
+        "--log-level",
+        "info",
+    ]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let ecam = format!(
+        "acpi ecam: {:x} segment 0 buses 0-255",
+        vmm::layout::PCI_ECAM_START
+    );
+    for line in [
+        &format!("acpi: rsdp at {:x}", vmm::layout::ACPI_START),
+        "acpi: XSDT FACP APIC MCFG DSDT",
+        &format!("acpi cpus: {cpus}"),
+        &format!(
+            "acpi ioapic: id {} at {:x}",
+            vmm::mptable::ioapic_id(cpus),
+            vmm::layout::IOAPIC_ADDR
+        ),
+        &ecam,
+        // Whatever SLP_TYP the DSDT gives: the guest powered off with it.
+        "acpi s5: slp_typ ",
+        "acpi: poweroff",
+    ] {
+        assert!(out.stdout.contains(line), "no {line:?}: {out:?}");
+    }
+    assert!(!out.stdout.contains("poweroff failed"), "{out:?}");
+    assert!(out.stderr.contains("outcome=Shutdown"), "{out:?}");
+}
+
+#[test]
+fn acpi_poweroff_pvh_rsdp_from_start_info() {
+    acpi_poweroff("acpi-off-pvh.elf", 3);
+}
+
+#[test]
+fn acpi_poweroff_elf64_rsdp_from_zero_page() {
+    acpi_poweroff("acpi-off64.elf", 1);
+}

@@ -140,6 +140,7 @@ struct boot_info {
 	u64 ram_bytes;       /* sum of e820 type-1 entries */
 	u64 initrd_addr;     /* 0 if none */
 	u64 initrd_size;
+	u64 rsdp_addr;       /* ACPI RSDP from the boot parameters, 0 if none */
 	u32 nr_e820;
 	struct e820_entry e820[E820_MAX];
 };
@@ -387,5 +388,34 @@ int virtq_wait(struct virtq *q, u32 *len);
 int virtq_xfer(struct virtq *q, const struct vbuf *b, u32 n);
 /* Print `n` bytes as hex on one line after `label`. */
 void print_hex(const char *label, const u8 *p, u32 n);
+
+/* ---- ACPI (lib/acpi.c) ---------------------------------------------------- */
+
+struct acpi_header {
+	char sig[4];
+	u32 length;
+	u8 revision;
+	u8 checksum;
+	char oem_id[6];
+	char oem_table_id[8];
+	u32 oem_revision;
+	u32 creator_id;
+	u32 creator_revision;
+} __attribute__((packed));
+
+/* An RSDP at `p`: signature, checksum, and from revision 2 the extended checksum. */
+int acpi_rsdp_valid(uptr p);
+/* The RSDP found as an OS without boot parameters finds it (EBDA, then 0xE0000..0xFFFFF), or 0. */
+uptr acpi_scan_rsdp(void);
+/* A sane length and a zero checksum. */
+int acpi_table_valid(uptr p);
+/* The RSDP's XSDT if valid and reachable, or 0; its entry count and entries (0 if unreachable). */
+uptr acpi_xsdt(uptr rsdp);
+u32 acpi_xsdt_count(uptr xsdt);
+uptr acpi_xsdt_entry(uptr xsdt, u32 i);
+/* A valid table with this signature listed in the XSDT, or 0. */
+uptr acpi_find_table(uptr rsdp, const char *sig);
+/* The FADT's DSDT (X_DSDT, else DSDT) if valid, or 0. */
+uptr acpi_fadt_dsdt(uptr fadt);
 
 #endif /* GUEST_H */

@@ -36,6 +36,7 @@ struct hvm_memmap_table_entry {
 };
 
 /* struct boot_params offsets (Documentation/arch/x86/zero-page.rst) */
+#define BP_ACPI_RSDP_ADDR 0x070
 #define BP_EXT_RAMDISK_IMAGE 0x0C0
 #define BP_EXT_RAMDISK_SIZE 0x0C4
 #define BP_EXT_CMD_LINE_PTR 0x0C8
@@ -74,6 +75,7 @@ void bootinfo_from_pvh(struct boot_info *bi, uptr paddr)
 		print("warning: bad hvm_start_info at %p\n", (void *)paddr);
 		return;
 	}
+	bi->rsdp_addr = si->rsdp_paddr;
 	if (si->cmdline_paddr && reachable(si->cmdline_paddr, 1))
 		bi->cmdline = (const char *)(uptr)si->cmdline_paddr;
 	if (si->nr_modules && si->modlist_paddr && reachable(si->modlist_paddr, 32)) {
@@ -103,6 +105,7 @@ void bootinfo_from_zero_page(struct boot_info *bi, uptr bp)
 		bi->cmdline = (const char *)(uptr)cmd;
 	bi->initrd_addr = rd32(bp + BP_HDR_RAMDISK_IMAGE) | ((u64)rd32(bp + BP_EXT_RAMDISK_IMAGE) << 32);
 	bi->initrd_size = rd32(bp + BP_HDR_RAMDISK_SIZE) | ((u64)rd32(bp + BP_EXT_RAMDISK_SIZE) << 32);
+	bi->rsdp_addr = rd64(bp + BP_ACPI_RSDP_ADDR);
 	u32 n = *(const volatile u8 *)(bp + BP_E820_ENTRIES);
 	if (n > E820_MAX)
 		n = E820_MAX;
