@@ -580,6 +580,444 @@ fn seabios_boots_a_virtio_blk_disk() {
     }
 }
 
+/// Every queue kick of a run was caught by an ioeventfd (needs `--log-level debug`).
+fn assert_kicks_stayed_in_the_kernel(out: &common::Output) {
+    assert!(
+        !out.stderr.contains("queue notify through an MMIO exit"),
+        "a kick left the guest: {out:?}"
+    );
+}
+
+/// The rng guest asks virtio-rng twice for 64 bytes through its own PCI driver (ECAM, BAR,
+/// MSI-X, one queue): both requests come back whole, not all zeros, and different.
+#[test]
+fn virtio_rng_over_pci() {
+    let out = run(&[
+        "run",
+        "--kernel",
+        &path("rng-pvh.elf"),
+        "--memory",
+        "size=64M",
+        "--rng",
+        "--log-level",
+        "debug",
+    ]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_kicks_stayed_in_the_kernel(&out);
+    assert!(out.stdout.contains("rng ok"), "{out:?}");
+    let hex = |label: &str| -> String {
+        let line = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .unwrap_or_else(|| panic!("no `{label}` line: {out:?}"));
+        assert_eq!(line.len(), 128, "64 bytes in hex: {line:?}");
+        assert!(line.bytes().all(|b| b.is_ascii_hexdigit()), "{line:?}");
+        line.to_owned()
+    };
+    let (a, b) = (hex("rng 0: "), hex("rng 1: "));
+    assert_ne!(a, b, "two requests gave the same bytes");
+    assert_ne!(a, "0".repeat(128));
+    assert!(out.stdout.contains("request 0: 64 bytes"), "{out:?}");
+    assert!(out.stdout.contains("request 1: 64 bytes"), "{out:?}");
+    // Each request waited for its MSI-X interrupt.
+    assert!(out.stdout.contains("interrupts: 2"), "{out:?}");
+}
+
+/// The console guest writes through virtio-console's transmit queue: with `--console
+/// file=PATH` the line lands in the file (and not on the terminal); with `--console off` there
+/// is no device for the guest to find.
+#[test]
+fn virtio_console_to_a_file_and_off() {
+    let file = TempFile::new("console.out", b"");
+    let out = run(&[
+        "run",
+        "--kernel",
+        &path("console-pvh.elf"),
+        "--memory",
+        "size=64M",
+        "--console",
+        &format!("file={}", file.path()),
+        "--log-level",
+        "debug",
+    ]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_kicks_stayed_in_the_kernel(&out);
+    assert!(out.stdout.contains("console sent"), "{out:?}");
+    assert!(!out.stdout.contains("hello from hvc0"), "{out:?}");
+    let written = std::fs::read_to_string(file.path()).expect("read console file");
+    assert_eq!(written, "hello from hvc0\n");
+
+    let out = run(&[
+        "run",
+        "--kernel",
+        &path("console-pvh.elf"),
+        "--memory",
+        "size=64M",
+        "--console",
+        "off",
+    ]);
+    assert_eq!(out.code(), 3, "the guest finds no console: {out:?}");
+    assert!(
+        out.stdout.contains("virtio device type 3 not found"),
+        "{out:?}"
+    );
+}
+
+/// `--console tty`: the guest's output appears on manifold's stdout, and a line written to
+/// manifold's stdin reaches the guest through the console's receive queue (the guest reports
+/// it on COM1).
+#[test]
+fn virtio_console_on_the_terminal_both_ways() {
+    let mut cmd = manifold();
+    cmd.args([
+        "run",
+        "--kernel",
+        &path("console-pvh.elf"),
+        "--cmdline",
+        "read=1",
+        "--memory",
+        "size=64M",
+        "--console",
+        "tty",
+        "--log-level",
+        "debug",
+    ]);
+    let mut vm = Running::start(&mut cmd);
+    vm.wait_for("console reading");
+    vm.write(b"typed into hvc0\n");
+    vm.wait_for("console got: typed into hvc0");
+    let out = vm.finish();
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_kicks_stayed_in_the_kernel(&out);
+    // One write of the device's, so whole even if it lands inside a line of COM1's.
+    assert!(out.stdout.contains("hello from hvc0\n"), "{out:?}");
+}
+
+/// A scratch directory removed (with what is in it) on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("manifold-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).expect("create temp dir");
+        Self(p)
+    }
+    fn join(&self, name: &str) -> String {
+        self.0
+            .join(name)
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One `\n`-terminated line from a stream (without the `\n`); panics at end of file.
+fn read_line(r: &mut impl std::io::BufRead) -> String {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("read a line");
+    assert!(line.ends_with('\n'), "stream ended: {line:?}");
+    line.pop();
+    line
+}
+
+/// The vsock guest and host programs exchange data both ways over virtio-vsock's hybrid Unix
+/// socket backend: the host connects to the guest's port 1234 (`CONNECT 1234`), sends a line
+/// and reads the guest's echo; the guest connects to host port 5000 (`PATH_5000`), sends a line
+/// and reads the host's answer.
+#[test]
+fn virtio_vsock_both_ways() {
+    use std::io::{BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    let dir = TempDir::new("vsock");
+    let socket = dir.join("vsock.sock");
+    let listener = UnixListener::bind(format!("{socket}_5000")).expect("listen on PATH_5000");
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    let mut cmd = manifold();
+    cmd.args([
+        "run",
+        "--kernel",
+        &path("vsock-pvh.elf"),
+        "--memory",
+        "size=64M",
+        "--vsock",
+        &format!("cid=3,socket={socket}"),
+        "--log-level",
+        "debug",
+    ]);
+    let mut vm = Running::start(&mut cmd);
+    vm.wait_for("vsock cid 3");
+    // Connect only once the guest has posted its receive buffers: the device gives a guest
+    // a few seconds to answer a REQUEST.
+    vm.wait_for("vsock ready");
+
+    let stream = UnixStream::connect(&socket).expect("connect to the vsock socket");
+    stream
+        .set_read_timeout(Some(common::HANG_LIMIT))
+        .expect("read timeout");
+    let mut reader = BufReader::new(&stream);
+    (&stream)
+        .write_all(b"CONNECT 1234\n")
+        .expect("write CONNECT");
+    let ok = read_line(&mut reader);
+    let port: u32 = ok
+        .strip_prefix("OK ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("not an OK line: {ok:?}"));
+    vm.wait_for(&format!("vsock request from host port {port}"));
+    (&stream)
+        .write_all(b"ping from host\n")
+        .expect("write to the guest");
+    assert_eq!(read_line(&mut reader), "echo: ping from host");
+    vm.wait_for("vsock got: ping from host");
+
+    let started = std::time::Instant::now();
+    let guest = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    started.elapsed() < common::HANG_LIMIT,
+                    "the guest never connected to port 5000"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    guest.set_nonblocking(false).expect("blocking stream");
+    guest
+        .set_read_timeout(Some(common::HANG_LIMIT))
+        .expect("read timeout");
+    let mut reader = BufReader::new(&guest);
+    assert_eq!(read_line(&mut reader), "hello from guest 3");
+    (&guest)
+        .write_all(b"bye from host\n")
+        .expect("write to the guest");
+    vm.wait_for("vsock got on 5000: bye from host");
+    vm.wait_for("vsock done");
+    let out = vm.finish();
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_kicks_stayed_in_the_kernel(&out);
+    drop(stream);
+}
+
+/// A network namespace of the test's own, deleted on drop (also when the test panics).
+struct NetNs(String);
+
+impl NetNs {
+    fn new(tag: &str) -> Self {
+        let name = format!("manifold-{tag}-{}", std::process::id());
+        if std::path::Path::new("/run/netns").join(&name).exists() {
+            let _ = ip(&["netns", "del", &name]);
+        }
+        assert!(ip(&["netns", "add", &name]), "ip netns add {name}");
+        Self(name)
+    }
+
+    /// Run `ip` inside the namespace.
+    fn ip(&self, args: &[&str]) -> bool {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Run a thread that enters the namespace, call `f` there, return its result. What `f`
+    /// creates there (sockets) stays in the namespace.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.0)).expect("open netns");
+        std::thread::spawn(move || {
+            // SAFETY: setns() on a descriptor we own; it changes this thread's network
+            // namespace only, and the thread ends when `f` returns.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.0]);
+    }
+}
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The local-experimental ethertype the net guest sends and listens for.
+const ETH_P_TEST: u16 = 0x88b5;
+
+/// An AF_PACKET socket bound to `ifname` for frames of [`ETH_P_TEST`], made in the current
+/// thread's network namespace.
+fn packet_socket(ifname: &str) -> (std::os::fd::OwnedFd, i32) {
+    use std::os::fd::FromRawFd;
+    let proto = i32::from(ETH_P_TEST.to_be());
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(ifname).expect("interface name");
+    // SAFETY: a NUL-terminated string that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(ifindex, 0, "no interface {ifname}");
+    let ifindex = i32::try_from(ifindex).expect("ifindex");
+    // SAFETY: sockaddr_ll is plain old data, for which all zeros is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = ETH_P_TEST.to_be();
+    addr.sll_ifindex = ifindex;
+    // SAFETY: `addr` is a valid sockaddr_ll of the length given.
+    let rc = unsafe {
+        libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+    (fd, ifindex)
+}
+
+/// Receive one frame (waiting at most a second); None on timeout.
+fn recv_frame(fd: &std::os::fd::OwnedFd) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    if unsafe { libc::poll(&mut pfd, 1, 1000) } <= 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; 2048];
+    // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = usize::try_from(n).expect("recv");
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// The net guest and a tap inside a network namespace of the test's: the guest's broadcast
+/// frame shows up on the tap (seen by an AF_PACKET socket there), and a frame sent there to
+/// the guest's MAC reaches the guest through virtio-net's receive queue. Manifold runs inside
+/// the namespace (`ip netns exec`), so it opens the tap there. Needs root and /dev/net/tun.
+#[test]
+fn virtio_net_frames_both_ways_through_a_tap() {
+    const TAP: &str = "mtap0";
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    // SAFETY: geteuid() has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIPPED: needs root and /dev/net/tun");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with /dev/net/tun"
+        );
+        return;
+    }
+    let ns = NetNs::new("net");
+    assert!(ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]));
+    assert!(ns.ip(&["link", "set", TAP, "up"]));
+    let (sock, ifindex) = ns.run(|| packet_socket(TAP));
+
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0])
+        .arg(env!("CARGO_BIN_EXE_manifold"))
+        .args([
+            "run",
+            "--kernel",
+            &path("net-pvh.elf"),
+            "--memory",
+            "size=64M",
+            "--net",
+            &format!("tap={TAP},mac=52:54:00:12:34:56"),
+            "--log-level",
+            "debug",
+        ]);
+    let mut vm = Running::start(&mut cmd);
+    vm.wait_for("mac 52:54:00:12:34:56");
+    vm.wait_for("net sent");
+
+    // The guest's frame: broadcast, from its MAC, our ethertype, our payload.
+    let started = std::time::Instant::now();
+    let frame = loop {
+        assert!(
+            started.elapsed() < common::HANG_LIMIT,
+            "no frame from the guest on the tap"
+        );
+        if let Some(f) = recv_frame(&sock) {
+            break f;
+        }
+    };
+    assert!(frame.len() >= 60, "{frame:?}");
+    assert_eq!(frame[0..6], [0xff; 6], "broadcast");
+    assert_eq!(frame[6..12], MAC, "from the guest's MAC");
+    assert_eq!(frame[12..14], ETH_P_TEST.to_be_bytes());
+    assert!(frame[14..].starts_with(b"manifold-net-test"), "{frame:?}");
+
+    // The reply, to the guest's MAC.
+    let mut reply = Vec::new();
+    reply.extend_from_slice(&MAC);
+    reply.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    reply.extend_from_slice(&ETH_P_TEST.to_be_bytes());
+    reply.extend_from_slice(b"manifold-net-reply");
+    reply.resize(60, 0);
+    // SAFETY: sockaddr_ll is plain old data, for which all zeros is a valid value.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = ETH_P_TEST.to_be();
+    to.sll_ifindex = ifindex;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&MAC);
+    // SAFETY: `reply` and `to` are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            reply.as_ptr().cast(),
+            reply.len(),
+            0,
+            (&raw const to).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        usize::try_from(sent).ok(),
+        Some(reply.len()),
+        "sendto: {}",
+        std::io::Error::last_os_error()
+    );
+    vm.wait_for("reply from 02:00:00:00:00:01 to 52:54:00:12:34:56, 60 bytes");
+    vm.wait_for("net got reply");
+    let out = vm.finish();
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert_kicks_stayed_in_the_kernel(&out);
+}
+
 /// The acpi-off guest finds the RSDP both from the boot parameters and by scanning the BIOS area,
 /// checksums every table, reads the MADT, MCFG and the DSDT's `\_S5_`, then powers off through
 /// the FADT's sleep control register: manifold ends with status 0 on a shutdown, not a reset.
