@@ -346,3 +346,108 @@ impl MutEventSubscriber for ConsoleResize {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(config: api::VmConfig) -> Result<Backends, DeviceError> {
+        Backends::open(&config)
+    }
+
+    #[test]
+    fn backends_that_cannot_be_had_are_bad_input() {
+        let err = open(api::VmConfig {
+            rng: Some(api::RngConfig {
+                src: Some("/nonexistent/random".into()),
+            }),
+            ..Default::default()
+        })
+        .err()
+        .expect("missing source");
+        assert!(matches!(err, DeviceError::RngSource(..)) && err.is_bad_input());
+
+        let err = open(api::VmConfig {
+            console: api::ConsoleConfig::File("/nonexistent/hvc0.log".into()),
+            ..Default::default()
+        })
+        .err()
+        .expect("missing directory");
+        assert!(matches!(err, DeviceError::ConsoleFile(..)) && err.is_bad_input());
+
+        let err = open(api::VmConfig {
+            vsock: Some(api::VsockConfig {
+                cid: 3,
+                socket: "/nonexistent/v.sock".into(),
+            }),
+            ..Default::default()
+        })
+        .err()
+        .expect("missing directory");
+        assert!(matches!(err, DeviceError::Vsock(_)) && err.is_bad_input());
+
+        // An over-long name is refused before any syscall; `lo` is no tap (or, without rights
+        // to /dev/net/tun, the tap cannot be opened at all).
+        for tap in ["sixteen-bytes-xx", "lo"] {
+            let nets = vec![api::NetConfig {
+                tap: tap.into(),
+                mac: None,
+            }];
+            let err = open(api::VmConfig {
+                nets,
+                ..Default::default()
+            })
+            .err()
+            .expect("bad taps");
+            assert!(
+                matches!(err, DeviceError::Tap { index: 0, .. }) && err.is_bad_input(),
+                "{err}"
+            );
+        }
+
+        // A failure after the tap opened is the host's, not the user's.
+        let host = DeviceError::Tap {
+            index: 0,
+            source: TapError::Ioctl {
+                name: "t".into(),
+                what: "TUNSETOFFLOAD",
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            },
+        };
+        assert!(!host.is_bad_input());
+        assert!(
+            !DeviceError::Host("eventfd", std::io::Error::from_raw_os_error(libc::EMFILE))
+                .is_bad_input()
+        );
+    }
+
+    #[test]
+    fn nothing_configured_opens_nothing() {
+        let b = open(api::VmConfig::default()).expect("no devices");
+        assert!(b.nets.is_empty() && b.rng.is_none() && b.console.is_none() && b.vsock.is_none());
+    }
+
+    #[test]
+    fn rng_from_a_file() {
+        let b = open(api::VmConfig {
+            rng: Some(api::RngConfig {
+                src: Some("/dev/urandom".into()),
+            }),
+            ..Default::default()
+        })
+        .expect("urandom");
+        let mut src = b.rng.expect("source");
+        let mut buf = [0u8; 64];
+        src.fill(&mut buf).expect("read");
+        assert!(buf.iter().any(|&b| b != 0));
+        let err = open(api::VmConfig {
+            rng: Some(api::RngConfig {
+                src: Some("/".into()),
+            }),
+            ..Default::default()
+        })
+        .err()
+        .expect("directory");
+        assert!(matches!(err, DeviceError::RngSourceDir(_)));
+    }
+}
