@@ -467,6 +467,10 @@ fn seabios_boots_through_fw_cfg_to_its_boot_stage() {
             "firmware: QEMU fw_cfg DMA interface supported",
             "firmware: sercon: using ioport 0x3f8",
             &format!("firmware: Found {cpus} cpu(s) max supported {cpus} cpu(s)"),
+            // Our ACPI tables, placed and linked by SeaBIOS running etc/table-loader: it found
+            // the RSDP it placed (checksum checked) and, through the XSDT, the FADT ("FACP").
+            "firmware: Moving pm_base to 0x600",
+            "firmware: table(50434146)=",
         ] {
             assert!(out.stderr.contains(needle), "{image}: {needle}: {out:?}");
         }
@@ -588,8 +592,9 @@ fn assert_kicks_stayed_in_the_kernel(out: &common::Output) {
     );
 }
 
-/// The rng guest asks virtio-rng twice for 64 bytes through its own PCI driver (ECAM, BAR,
-/// MSI-X, one queue): both requests come back whole, not all zeros, and different.
+/// The rng guest asks virtio-rng twice for 64 bytes through its own PCI driver (ECAM found
+/// through ACPI's MCFG, BAR, MSI-X, one queue): both requests come back whole, not all zeros,
+/// and different; the same with the queue polled instead of interrupting.
 #[test]
 fn virtio_rng_over_pci() {
     let out = run(&[
@@ -604,6 +609,10 @@ fn virtio_rng_over_pci() {
     ]);
     assert_eq!(out.code(), 1, "{out:?}");
     assert_kicks_stayed_in_the_kernel(&out);
+    assert!(
+        out.stdout.contains("pci ecam at e0000000 (MCFG)"),
+        "{out:?}"
+    );
     assert!(out.stdout.contains("rng ok"), "{out:?}");
     let hex = |label: &str| -> String {
         let line = out
@@ -622,6 +631,22 @@ fn virtio_rng_over_pci() {
     assert!(out.stdout.contains("request 1: 64 bytes"), "{out:?}");
     // Each request waited for its MSI-X interrupt.
     assert!(out.stdout.contains("interrupts: 2"), "{out:?}");
+
+    // Polled: the queue has no MSI-X vector (NO_VECTOR), and no interrupt arrives.
+    let out = run(&[
+        "run",
+        "--kernel",
+        &path("rng-pvh.elf"),
+        "--cmdline",
+        "poll=1",
+        "--memory",
+        "size=64M",
+        "--rng",
+    ]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stdout.contains("virtio: polling"), "{out:?}");
+    assert!(out.stdout.contains("interrupts: 0"), "{out:?}");
+    assert!(out.stdout.contains("rng ok"), "{out:?}");
 }
 
 /// The console guest writes through virtio-console's transmit queue: with `--console

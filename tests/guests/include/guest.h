@@ -231,7 +231,7 @@ void idt_set_handler(u8 vector, irq_handler_t h);
 
 /* ---- PCI Express through ECAM (lib/pci.c, 32-bit builds) ---------------- */
 
-#define PCI_ECAM_BASE 0xE0000000u  /* bus 0; 1 MiB per bus */
+#define PCI_ECAM_BASE 0xE0000000u  /* bus 0 if ACPI has no MCFG; 1 MiB per bus */
 #define PCI_MMIO32_BASE 0xC0000000u /* where the guest places the BARs it assigns */
 #define PCI_MMIO32_END 0xE0000000u
 #define PCI_COMMAND 0x04
@@ -241,12 +241,15 @@ void idt_set_handler(u8 vector, irq_handler_t h);
 #define PCI_CAP_VENDOR 0x09
 #define PCI_CAP_MSIX 0x11
 
-/* Configuration space of bus 0, device `dev`, function `fn`. */
-static inline uptr pci_cfg(u32 dev, u32 fn) { return PCI_ECAM_BASE + (dev << 15) + (fn << 12); }
+/* ECAM of bus 0: from the ACPI MCFG table (as Linux finds it), else PCI_ECAM_BASE. */
+extern uptr pci_ecam;
+/* Configuration space of bus 0, device `dev`, function `fn` (after pci_scan). */
+static inline uptr pci_cfg(u32 dev, u32 fn) { return pci_ecam + (dev << 15) + (fn << 12); }
 
 /*
- * Walk bus 0 through ECAM: print one line per function, turn memory and I/O
- * decode off on every function but host bridges (nothing decodes until the
+ * Find ECAM through ACPI (RSDP from the boot parameters or the BIOS areas,
+ * XSDT or RSDT, MCFG), then walk bus 0: print one line per function, turn memory and I/O
+ * decode off on every function but bridges (nothing decodes until the
  * guest assigns it, so no firmware placement can overlap ours) and remember
  * them. Idempotent.
  */
@@ -350,8 +353,12 @@ struct vbuf {
 /*
  * Load the IDT, mask the 8259s, enable the local APIC and count MSI-X
  * interrupts of vectors VIRTIO_IRQ_BASE..+VIRTIO_IRQ_MAX. Call once, first.
+ * With "poll=1" on the command line, queues get no MSI-X vector and waits
+ * poll the used ring (virtio_poll = 1): what runs under a KVM that cannot
+ * return from an interrupt (QEMU on the development hosts).
  */
 void virtio_irq_init(void);
+extern int virtio_poll;
 /* Interrupts received so far: all, or on one CPU vector. */
 extern volatile u32 virtio_irqs;
 u32 virtio_vector_irqs(u8 vector);

@@ -12,12 +12,51 @@ static uptr funcs[MAX_FUNCS];
 static u32 nfuncs;
 static int scanned;
 static uptr next_mmio = PCI_MMIO32_BASE;
+uptr pci_ecam = PCI_ECAM_BASE;
+
+/* The MCFG table through the XSDT, or through the RSDT of a revision-0 RSDP; 0 if none. */
+static uptr find_mcfg(void)
+{
+	uptr rsdp = boot_info.rsdp_addr && boot_info.rsdp_addr < 0x100000000ull
+			    ? (uptr)boot_info.rsdp_addr
+			    : 0;
+	if (!rsdp || !acpi_rsdp_valid(rsdp))
+		rsdp = acpi_scan_rsdp();
+	if (!rsdp)
+		return 0;
+	uptr t = acpi_find_table(rsdp, "MCFG");
+	if (t)
+		return t;
+	uptr rsdt = mmio_read32(rsdp + 16);
+	if (!rsdt || !acpi_table_valid(rsdt) || memcmp((const void *)rsdt, "RSDT", 4))
+		return 0;
+	u32 n = (mmio_read32(rsdt + 4) - 36) / 4;
+	for (u32 i = 0; i < n; i++) {
+		t = mmio_read32(rsdt + 36 + 4 * i);
+		if (t && acpi_table_valid(t) && !memcmp((const void *)t, "MCFG", 4))
+			return t;
+	}
+	return 0;
+}
 
 void pci_scan(void)
 {
 	if (scanned)
 		return;
 	scanned = 1;
+	/* MCFG: 44-byte header, then entries of base (8), segment (2), first and last bus. */
+	uptr mcfg = find_mcfg();
+	u32 entries = mcfg ? (mmio_read32(mcfg + 4) - 44) / 16 : 0;
+	int found = 0;
+	for (u32 i = 0; i < entries && !found; i++) {
+		uptr e = mcfg + 44 + 16 * i;
+		u32 hi = mmio_read32(e + 4);
+		if (mmio_read16(e + 8) == 0 && mmio_read8(e + 10) == 0 && hi == 0) {
+			pci_ecam = mmio_read32(e);
+			found = 1;
+		}
+	}
+	print("pci ecam at %x (%s)\n", (u32)pci_ecam, found ? "MCFG" : "no MCFG, default");
 	for (u32 dev = 0; dev < 32; dev++) {
 		u32 nfn = 1;
 		for (u32 fn = 0; fn < nfn; fn++) {
@@ -30,8 +69,8 @@ void pci_scan(void)
 			u32 class = mmio_read32(c + 0x08) >> 8;
 			print("pci 00:%02x.%u %04x:%04x class %06x\n", dev, fn, id & 0xFFFF, id >> 16,
 			      class);
-			if ((class >> 8) == 0x0600)
-				continue; /* host bridge */
+			if ((class >> 16) == 0x06)
+				continue; /* bridges (host, ISA/LPC, PCI) keep decoding */
 			mmio_write16(c + PCI_COMMAND, 0);
 			if (nfuncs < MAX_FUNCS)
 				funcs[nfuncs++] = c;

@@ -54,8 +54,15 @@ static void msi_isr(struct int_frame *f)
 
 static void spurious_isr(struct int_frame *f) { (void)f; }
 
+int virtio_poll;
+
 void virtio_irq_init(void)
 {
+	const char *poll = cmdline_find(boot_info.cmdline, "poll");
+	if (poll && poll[0] == '1') {
+		virtio_poll = 1;
+		print("virtio: polling, no interrupts\n");
+	}
 	idt_init();
 	for (u32 v = 0; v < VIRTIO_IRQ_MAX; v++)
 		idt_set_handler((u8)(VIRTIO_IRQ_BASE + v), msi_isr);
@@ -189,7 +196,7 @@ int virtio_queue_init(struct virtio_dev *d, u16 index, u16 size, int irq)
 	mmio_write32(cc + C_QDEVICE, (u32)(uptr)q->used);
 	mmio_write32(cc + C_QDEVICE + 4, 0);
 	q->vector = 0;
-	if (irq) {
+	if (irq && !virtio_poll) {
 		if (index >= d->msix.size || next_vector >= VIRTIO_IRQ_BASE + VIRTIO_IRQ_MAX) {
 			print("queue %u: no MSI-X vector\n", index);
 			return -1;

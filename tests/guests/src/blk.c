@@ -59,7 +59,7 @@ static u8 request(struct virtio_dev *d, u32 type, u64 sector, u8 *buf, u32 len)
 	if (virtq_xfer(q, b, len ? 3 : 2) < 0)
 		return 0xFF;
 	cli();
-	while (virtio_vector_irqs(q->vector) == before) {
+	while (q->vector && virtio_vector_irqs(q->vector) == before) {
 		sti_hlt();
 		cli();
 	}
