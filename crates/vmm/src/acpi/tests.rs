@@ -321,10 +321,13 @@ fn iasl_disassembles_every_table() {
         "{mcfg}"
     );
 
+    // ACPICA with our FADT (hardware-reduced: no FACS, no GPE blocks) and DSDT: evaluate what a
+    // guest reads, then go through its S5 sequence, which must take the extended (sleep control
+    // register) path with SLP_TYP from \_S5_.
     let exec = Command::new("acpiexec")
         .arg("-b")
-        .arg("evaluate \\_S5; evaluate \\_SB.PCI0._CBA; evaluate \\_SB.PCI0._SEG")
-        .arg("dsdt.dat")
+        .arg("evaluate \\_S5; evaluate \\_SB.PCI0._CBA; evaluate \\_SB.PCI0._SEG; sleep 5")
+        .args(["facp.dat", "dsdt.dat", "apic.dat", "mcfg.dat"])
         .current_dir(&dir.0)
         .output()
         .expect("run acpiexec (install acpica-tools: scripts/setup)");
@@ -333,14 +336,27 @@ fn iasl_disassembles_every_table() {
     assert!(exec.status.success(), "{text}");
     let s5 = format!("[Integer] = {:016X}", AcpiSleep::SLP_TYP_S5);
     let cba = format!("[Integer] = {:016X}", layout::PCI_ECAM_START);
+    let slp_typ = format!(
+        "Sleep-A: {:02X}, Sleep-B: {:02X}",
+        AcpiSleep::SLP_TYP_S5,
+        AcpiSleep::SLP_TYP_S5
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("ACPI: FACP") && l.contains("MNFOLD")),
+        "acpiexec did not take our FADT:\n{text}"
+    );
     for want in [
         "1 ACPI AML tables successfully acquired and loaded",
         "[Package] Contains 2 Elements:",
         &s5,
         &cba,
+        &slp_typ,
+        "HwExtendedSleep",
         "No outstanding allocations",
     ] {
         assert!(text.contains(want), "acpiexec: no {want:?}:\n{text}");
     }
+    assert!(!text.contains("General Purpose Events"), "{text}");
     assert!(!text.contains("Error") && !text.contains("AE_"), "{text}");
 }
