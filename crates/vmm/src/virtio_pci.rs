@@ -116,10 +116,20 @@ impl VirtioPci<'_> {
         &mut self,
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<(Bdf, QueueNotifier), VirtioPciWiringError> {
-        let queues = lock(&device).queue_max_sizes().len();
-        let msi = MsiVectors::new(self.routing, msix_vector_count(queues))?;
         // Identity DMA for now; the IOMMU will hand each endpoint its own space.
         let dma = DmaSpace::identity(self.mem.clone());
+        self.add_with_dma(device, dma)
+    }
+
+    /// [`Self::add`] with the device reaching guest memory through `dma`: the handle an IOMMU
+    /// translates for this endpoint (the builder keeps a clone to swap the mapping).
+    pub fn add_with_dma(
+        &mut self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        dma: DmaSpace,
+    ) -> Result<(Bdf, QueueNotifier), VirtioPciWiringError> {
+        let queues = lock(&device).queue_max_sizes().len();
+        let msi = MsiVectors::new(self.routing, msix_vector_count(queues))?;
         let transport = VirtioPciDevice::new(device.clone(), dma, Arc::new(msi))?;
         let notifier = QueueNotifier {
             device,

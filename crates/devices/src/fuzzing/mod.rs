@@ -13,6 +13,7 @@ mod msix;
 mod pci_config;
 mod virtio_blk;
 mod virtio_net;
+mod virtio_pci;
 mod virtq;
 
 pub use legacy::{cmos, fw_cfg, serial};
@@ -20,6 +21,7 @@ pub use msix::msix_table;
 pub use pci_config::pci_config;
 pub use virtio_blk::virtio_blk;
 pub use virtio_net::virtio_net;
+pub use virtio_pci::virtio_pci;
 
 /// Reads fuzz bytes as a stream of small integers. Past the end every read is zero, so any
 /// input decodes to some sequence of operations.
