@@ -22,6 +22,14 @@ pub fn guest(name: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     BUILT.get_or_init(|| {
         let _g = LOCK.lock();
+        // nextest runs each test in a process of its own: without a lock across processes,
+        // two makes in a fresh tree write the same objects at once and one test fails.
+        let build = repo_root().join("tests/guests/build");
+        std::fs::create_dir_all(&build).expect("guest build directory");
+        let lock = std::fs::File::create(build.join(".lock")).expect("guest build lock file");
+        // SAFETY: flock takes no pointers; the fd is open for the call. The lock goes with
+        // the file at the end of this closure.
+        let _ = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
         let status = Command::new("make")
             .args(["-s", "-C"])
             .arg(repo_root().join("tests/guests"))
