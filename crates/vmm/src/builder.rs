@@ -59,8 +59,8 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
     }
     let mem = vm.memory().clone();
     let pio = Bus::new();
-    // A firmware starts at the reset vector, where KVM leaves a new vCPU, and writes its own
-    // tables (the MP table would land on its code at 0xF0000).
+    // A firmware starts at the reset vector, where KVM leaves a new vCPU, builds its own MP table
+    // (ours would land on its code at 0xF0000) and places our ACPI tables itself (fw_cfg).
     let payload = match &firmware {
         Some(image) => {
             firmware::install(&mut vm, image)?;
@@ -141,8 +141,8 @@ fn serial_output(config: &api::SerialConfig) -> Result<Box<dyn Write + Send>, Er
     })
 }
 
-/// fw_cfg, and the debug console when debug logs are shown (SeaBIOS only writes its log when
-/// the port answers, and each byte costs an exit).
+/// fw_cfg with the ACPI tables, and the debug console when debug logs are shown (SeaBIOS only
+/// writes its log when the port answers, and each byte costs an exit).
 fn add_firmware_devices(
     mem: &vm_memory::GuestMemoryMmap,
     config: &api::VmConfig,
@@ -150,7 +150,13 @@ fn add_firmware_devices(
     pio: &Bus,
 ) -> Result<(), Error> {
     // fw_cfg DMA addresses are guest physical: no IOMMU sits in front of a platform device.
-    let fw_cfg = firmware::fw_cfg(DmaSpace::identity(mem.clone()), config, image_len)?;
+    let mut fw_cfg = firmware::fw_cfg(DmaSpace::identity(mem.clone()), config, image_len)?;
+    let tables = acpi::build(config.cpus.boot, config.memory.size)?;
+    let tables: Vec<_> = tables
+        .iter()
+        .map(|t| (t.name, t.addr, t.bytes.as_slice()))
+        .collect();
+    firmware::add_acpi_tables(&mut fw_cfg, &tables)?;
     insert(
         pio,
         Arc::new(Mutex::new(fw_cfg)),
