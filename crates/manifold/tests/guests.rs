@@ -489,58 +489,69 @@ fn seabios_boots_through_fw_cfg_to_its_boot_stage() {
 /// The blk guest drives two virtio-blk functions through ECAM, BAR assignment, MSI-X and one
 /// queue each: a pattern written to sector 5 of the first disk must be in the image file, the
 /// second disk (readonly=on) must refuse a write, and no queue notification may reach
-/// userspace through an MMIO exit (the ioeventfds followed the BARs the guest moved).
+/// userspace through an MMIO exit (the ioeventfds followed the BARs the guest moved). Twice:
+/// with the features Linux accepts, then with VERSION_1 only.
 #[test]
 fn virtio_blk_over_pci() {
     const SECTOR: u64 = 5;
-    let rw = TempFile::new("blk-rw.img", &vec![0u8; 1 << 20]);
-    let ro = TempFile::new("blk-ro.img", &vec![0xa5u8; 1 << 20]);
-    let out = run(&[
-        "run",
-        "--kernel",
-        &path("blk-pvh.elf"),
-        "--cmdline",
-        "blk-serial-0",
-        "--memory",
-        "size=64M",
-        "--disk",
-        &format!("path={},serial=blk-serial-0", rw.path()),
-        "--disk",
-        &format!("path={},readonly=on", ro.path()),
-        "--log-level",
-        "debug",
-    ]);
-    assert_eq!(out.code(), 1, "{out:?}");
-    for line in [
-        "virtio-blk functions: 2",
-        "capacity: 2048 sectors",
-        "write: ok",
-        "read: ok",
-        "compare: ok",
-        "flush: ok",
-        "get-id: ok",
-        "id: blk-serial-0",
-        "read-only feature: ok",
-        "read-only write refused: ok",
-        "read-only read: ok",
-        "blk passed",
-    ] {
-        assert!(out.stdout.contains(line), "missing `{line}`: {out:?}");
+    // As Linux drives it (event index, requests in indirect tables), then with VERSION_1 only
+    // (requests as chains of three descriptors).
+    for cmdline in ["blk-serial-0", "blk-serial-0 plain=1"] {
+        let rw = TempFile::new("blk-rw.img", &vec![0u8; 1 << 20]);
+        let ro = TempFile::new("blk-ro.img", &vec![0xa5u8; 1 << 20]);
+        let out = run(&[
+            "run",
+            "--kernel",
+            &path("blk-pvh.elf"),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            "size=64M",
+            "--disk",
+            &format!("path={},serial=blk-serial-0", rw.path()),
+            "--disk",
+            &format!("path={},readonly=on", ro.path()),
+            "--log-level",
+            "debug",
+        ]);
+        assert_eq!(out.code(), 1, "{out:?}");
+        for line in [
+            "virtio-blk functions: 2",
+            "capacity: 2048 sectors",
+            "write: ok",
+            "read: ok",
+            "compare: ok",
+            "flush: ok",
+            "get-id: ok",
+            "id: blk-serial-0",
+            "read-only feature: ok",
+            "read-only write refused: ok",
+            "read-only read: ok",
+            "blk passed",
+        ] {
+            assert!(out.stdout.contains(line), "missing `{line}`: {out:?}");
+        }
+        let accepted = if cmdline.contains("plain=1") {
+            "accepted 1:00000000"
+        } else {
+            "accepted 3:30000000"
+        };
+        assert!(out.stdout.contains(accepted), "{out:?}");
+        // Six requests, one MSI-X interrupt each.
+        assert!(out.stdout.contains("interrupts: 6"), "{out:?}");
+        assert!(
+            !out.stderr.contains("queue notify through an MMIO exit"),
+            "a kick left the guest: {out:?}"
+        );
+        let image = std::fs::read(rw.path()).expect("read image");
+        let at = (SECTOR * 512) as usize;
+        let expect: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
+        assert_eq!(&image[at..at + 512], &expect[..]);
+        assert!(image[..at].iter().all(|&b| b == 0));
+        assert!(image[at + 512..].iter().all(|&b| b == 0));
+        let untouched = std::fs::read(ro.path()).expect("read image");
+        assert!(untouched.iter().all(|&b| b == 0xa5));
     }
-    // Six requests, one MSI-X interrupt each.
-    assert!(out.stdout.contains("interrupts: 6"), "{out:?}");
-    assert!(
-        !out.stderr.contains("queue notify through an MMIO exit"),
-        "a kick left the guest: {out:?}"
-    );
-    let image = std::fs::read(rw.path()).expect("read image");
-    let at = (SECTOR * 512) as usize;
-    let expect: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
-    assert_eq!(&image[at..at + 512], &expect[..]);
-    assert!(image[..at].iter().all(|&b| b == 0));
-    assert!(image[at + 512..].iter().all(|&b| b == 0));
-    let untouched = std::fs::read(ro.path()).expect("read image");
-    assert!(untouched.iter().all(|&b| b == 0xa5));
 }
 
 /// A boot sector that prints "boot sector ok" on COM1 and writes 0x21 to the debug-exit port:
@@ -619,6 +630,12 @@ fn virtio_rng_over_pci() {
         out.stdout.contains("pci ecam at e0000000 (MCFG)"),
         "{out:?}"
     );
+    // What Linux accepts: VERSION_1, ACCESS_PLATFORM, RING_EVENT_IDX, RING_INDIRECT_DESC.
+    assert!(
+        out.stdout
+            .contains("features: offered 3:30000000 accepted 3:30000000"),
+        "{out:?}"
+    );
     assert!(out.stdout.contains("rng ok"), "{out:?}");
     let hex = |label: &str| -> String {
         let line = out
@@ -638,19 +655,25 @@ fn virtio_rng_over_pci() {
     // Each request waited for its MSI-X interrupt.
     assert!(out.stdout.contains("interrupts: 2"), "{out:?}");
 
-    // Polled: the queue has no MSI-X vector (NO_VECTOR), and no interrupt arrives.
+    // Polled: the queue has no MSI-X vector (NO_VECTOR), and no interrupt arrives; VERSION_1
+    // only (no event index).
     let out = run(&[
         "run",
         "--kernel",
         &path("rng-pvh.elf"),
         "--cmdline",
-        "poll=1",
+        "poll=1 plain=1",
         "--memory",
         "size=64M",
         "--rng",
     ]);
     assert_eq!(out.code(), 1, "{out:?}");
     assert!(out.stdout.contains("virtio: polling"), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("features: offered 3:30000000 accepted 1:00000000"),
+        "{out:?}"
+    );
     assert!(out.stdout.contains("interrupts: 0"), "{out:?}");
     assert!(out.stdout.contains("rng ok"), "{out:?}");
 }

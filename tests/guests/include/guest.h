@@ -292,7 +292,13 @@ void pci_msix_route(struct msix *m, u32 entry, u8 vector);
 #define VIRTIO_ID_CONSOLE 3
 #define VIRTIO_ID_RNG 4
 #define VIRTIO_ID_VSOCK 19
+#define VIRTIO_F_INDIRECT_DESC (1ull << 28)
+#define VIRTIO_F_EVENT_IDX (1ull << 29)
 #define VIRTIO_F_VERSION_1 (1ull << 32)
+#define VIRTIO_F_ACCESS_PLATFORM (1ull << 33)
+/* What virtio_negotiate accepts besides a device's own features, as Linux does. */
+#define VIRTIO_F_DRIVER (VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | \
+			 VIRTIO_F_ACCESS_PLATFORM)
 
 #define VIRTQ_MAX_SIZE 64 /* a ring of this size fits one 4 KiB page */
 #define VIRTIO_MAX_QUEUES 4
@@ -307,6 +313,8 @@ struct vring_desc {
 };
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VIRTQ_INDIRECT_MAX 4 /* descriptors in one indirect table */
 
 struct vring_avail {
 	u16 flags;
@@ -326,11 +334,16 @@ struct virtq {
 	u16 index, size;
 	u16 free_head, num_free;
 	u16 last_used;
+	u16 kicked;     /* avail idx at the last notification */
 	u8 vector;      /* CPU vector of its MSI-X entry, 0 = none (polled) */
+	u8 event_idx;   /* VIRTIO_F_EVENT_IDX: used_event / avail_event */
+	u8 indirect;    /* VIRTIO_F_INDIRECT_DESC: chains of 2+ buffers in a table */
 	uptr notify;    /* its notification register */
+	u32 notifies;   /* notifications written (event idx may spare some) */
 	struct vring_desc *desc;
 	struct vring_avail *avail;
 	struct vring_used *used;
+	struct vring_desc (*tables)[VIRTQ_INDIRECT_MAX]; /* one indirect table per head */
 };
 
 struct virtio_dev {
@@ -370,7 +383,11 @@ u32 virtio_vector_irqs(u8 vector);
  * Returns 0, or -1 with a line printed.
  */
 int virtio_init(struct virtio_dev *d, u32 type, u32 nth);
-/* Accept offered & (want | VERSION_1), set FEATURES_OK and check it held. */
+/*
+ * Accept offered & (want | VIRTIO_F_DRIVER), set FEATURES_OK and check it
+ * held; prints the features accepted. "plain=1" on the command line accepts
+ * only offered & (want | VERSION_1): no event index, no indirect tables.
+ */
 int virtio_negotiate(struct virtio_dev *d, u64 want);
 /*
  * Set up queue `index` with `size` entries (rings in a page of the

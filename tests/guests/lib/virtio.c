@@ -41,8 +41,11 @@ volatile u32 virtio_irqs;
 static volatile u32 vec_irqs[VIRTIO_IRQ_MAX];
 static u8 next_vector = VIRTIO_IRQ_BASE;
 
-/* One page per queue: descriptors at 0, available ring at 1 KiB, used ring at 2 KiB. */
-static u8 rings[MAX_RINGS][4096] __attribute__((aligned(4096)));
+/*
+ * Two pages per queue: descriptors at 0, available ring at 1 KiB, used ring at
+ * 2 KiB; then the indirect tables, 64 bytes per head.
+ */
+static u8 rings[MAX_RINGS][2][4096] __attribute__((aligned(4096)));
 static u32 nrings;
 
 static void msi_isr(struct int_frame *f)
@@ -148,7 +151,11 @@ int virtio_negotiate(struct virtio_dev *d, u64 want)
 		print("no VERSION_1\n");
 		return -1;
 	}
-	d->features = d->offered & (want | VIRTIO_F_VERSION_1);
+	const char *plain = cmdline_find(boot_info.cmdline, "plain");
+	u64 driver = plain && plain[0] == '1' ? VIRTIO_F_VERSION_1 : VIRTIO_F_DRIVER;
+	d->features = d->offered & (want | driver);
+	print("features: offered %x:%08x accepted %x:%08x\n", (u32)(d->offered >> 32),
+	      (u32)d->offered, (u32)(d->features >> 32), (u32)d->features);
 	mmio_write32(cc + C_GFSEL, 0);
 	mmio_write32(cc + C_GF, (u32)d->features);
 	mmio_write32(cc + C_GFSEL, 1);
@@ -177,7 +184,9 @@ int virtio_queue_init(struct virtio_dev *d, u16 index, u16 size, int irq)
 	if (size > max)
 		size = max;
 	struct virtq *q = &d->q[index];
-	u8 *page = rings[nrings++];
+	u8 *page = rings[nrings][0];
+	q->tables = (struct vring_desc(*)[VIRTQ_INDIRECT_MAX])rings[nrings][1];
+	nrings++;
 	q->index = index;
 	q->size = size;
 	q->desc = (struct vring_desc *)page;
@@ -188,6 +197,10 @@ int virtio_queue_init(struct virtio_dev *d, u16 index, u16 size, int irq)
 	q->free_head = 0;
 	q->num_free = size;
 	q->last_used = 0;
+	q->kicked = 0;
+	q->notifies = 0;
+	q->event_idx = (d->features & VIRTIO_F_EVENT_IDX) != 0;
+	q->indirect = (d->features & VIRTIO_F_INDIRECT_DESC) != 0;
 	mmio_write16(cc + C_QSIZE, size);
 	mmio_write32(cc + C_QDESC, (u32)(uptr)q->desc);
 	mmio_write32(cc + C_QDESC + 4, 0);
@@ -221,22 +234,55 @@ void virtio_driver_ok(struct virtio_dev *d)
 	mmio_write8(d->common + C_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 }
 
+/* used_event (after the available ring) and avail_event (after the used ring). */
+static inline volatile u16 *used_event(struct virtq *q) { return &q->avail->ring[0] + q->size; }
+static inline volatile u16 *avail_event(struct virtq *q)
+{
+	return (volatile u16 *)((uptr)q->used + 4 + 8 * q->size);
+}
+
+/* A full barrier: stores before it are visible before loads after it (x86 may reorder those). */
+static inline void mb(void) { __asm__ volatile("lock; orl $0, (%%esp)" : : : "memory", "cc"); }
+
+static void fill(struct vring_desc *dd, const struct vbuf *b, u32 n, u16 first_next)
+{
+	for (u32 k = 0; k < n; k++) {
+		dd[k].addr = (u64)(uptr)b[k].addr;
+		dd[k].len = b[k].len;
+		dd[k].flags = (u16)((b[k].write ? VRING_DESC_F_WRITE : 0) | (k + 1 < n ? VRING_DESC_F_NEXT : 0));
+		if (first_next)
+			dd[k].next = (u16)(k + 1);
+	}
+}
+
 int virtq_add(struct virtq *q, const struct vbuf *b, u32 n)
 {
-	if (n == 0 || n > q->num_free)
+	if (n == 0)
 		return -1;
-	u16 head = q->free_head, i = head, last = head;
-	for (u32 k = 0; k < n; k++) {
-		struct vring_desc *dd = &q->desc[i];
-		dd->addr = (u64)(uptr)b[k].addr;
-		dd->len = b[k].len;
-		dd->flags = (u16)((b[k].write ? VRING_DESC_F_WRITE : 0) | (k + 1 < n ? VRING_DESC_F_NEXT : 0));
-		last = i;
-		i = dd->next;
+	u16 head = q->free_head;
+	if (q->indirect && n > 1 && n <= VIRTQ_INDIRECT_MAX && q->num_free >= 1) {
+		/* One descriptor pointing at a table of its own (indexed by the head). */
+		struct vring_desc *t = q->tables[head];
+		fill(t, b, n, 1);
+		q->desc[head].addr = (u64)(uptr)t;
+		q->desc[head].len = n * sizeof(struct vring_desc);
+		q->desc[head].flags = VRING_DESC_F_INDIRECT;
+		q->free_head = q->desc[head].next;
+		q->num_free--;
+	} else {
+		if (n > q->num_free)
+			return -1;
+		u16 i = head;
+		for (u32 k = 0; k < n; k++) {
+			u16 next = q->desc[i].next;
+			fill(&q->desc[i], &b[k], 1, 0);
+			if (k + 1 < n)
+				q->desc[i].flags |= VRING_DESC_F_NEXT;
+			i = next;
+		}
+		q->free_head = i;
+		q->num_free = (u16)(q->num_free - n);
 	}
-	(void)last;
-	q->free_head = i;
-	q->num_free = (u16)(q->num_free - n);
 	q->avail->ring[q->avail->idx % q->size] = head;
 	barrier();
 	q->avail->idx++;
@@ -246,7 +292,13 @@ int virtq_add(struct virtq *q, const struct vbuf *b, u32 n)
 
 void virtq_kick(struct virtq *q)
 {
-	barrier();
+	u16 new = q->avail->idx, old = q->kicked;
+	q->kicked = new;
+	mb(); /* the new avail idx before reading avail_event */
+	/* With an event index, notify only if the device asked to hear of an entry in (old, new]. */
+	if (q->event_idx && (u16)(new - *avail_event(q) - 1) >= (u16)(new - old))
+		return;
+	q->notifies++;
 	mmio_write16(q->notify, q->index);
 }
 
@@ -263,9 +315,13 @@ int virtq_get(struct virtq *q, u32 *len)
 	q->last_used++;
 	if (id >= q->size)
 		return -1;
-	/* Give the chain's descriptors back to the free list. */
+	/* Interrupt at the next used entry (the device reads used_event after adding one). */
+	if (q->event_idx)
+		*used_event(q) = q->last_used;
+	/* Give the chain's descriptors back to the free list (one if indirect). */
 	u16 i = (u16)id, n = 1;
-	while ((q->desc[i].flags & VRING_DESC_F_NEXT) && n < q->size) {
+	while (!(q->desc[i].flags & VRING_DESC_F_INDIRECT) && (q->desc[i].flags & VRING_DESC_F_NEXT) &&
+	       n < q->size) {
 		i = q->desc[i].next;
 		n++;
 	}
@@ -283,6 +339,16 @@ int virtq_wait(struct virtq *q, u32 *len)
 		if (id >= 0) {
 			sti();
 			return id;
+		}
+		if (q->event_idx) {
+			/* Ask for an interrupt at the next entry, then look again (it may be there). */
+			*used_event(q) = q->last_used;
+			mb();
+			id = virtq_get(q, len);
+			if (id >= 0) {
+				sti();
+				return id;
+			}
 		}
 		if (q->vector)
 			sti_hlt(); /* an interrupt pending since cli wakes the hlt */
