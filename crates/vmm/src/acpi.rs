@@ -200,7 +200,6 @@ fn dsdt(mem_size: u64) -> Vec<u8> {
         vec![
             &Name::new("_HID".into(), &EISAName::new("PNP0A08")),
             &Name::new("_CID".into(), &EISAName::new("PNP0A03")),
-            &Name::new("_ADR".into(), &aml::ZERO),
             &Name::new("_SEG".into(), &PCI_SEGMENT),
             &Name::new("_BBN".into(), &aml::ZERO),
             &Name::new("_UID".into(), &aml::ZERO),
