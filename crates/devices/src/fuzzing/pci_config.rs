@@ -249,6 +249,18 @@ impl Platform {
         }
     }
 
+    /// BAR sizing as a driver does it at `off` in ECAM: all-ones, read, restore. The model
+    /// follows each write: the BAR may map while sized, and map again elsewhere when restored.
+    fn size_bar(&mut self, off: u64) {
+        let mut old = [0u8; 4];
+        self.mmio.read(ECAM + off, &mut old);
+        self.mmio.write(ECAM + off, &[0xff; 4]);
+        self.update_model();
+        let mut b = [0u8; 4];
+        self.mmio.read(ECAM + off, &mut b);
+        self.mmio.write(ECAM + off, &old);
+    }
+
     fn bus(&self, space: AddressSpace) -> &Bus {
         match space {
             AddressSpace::Memory => &self.mmio,
@@ -429,12 +441,7 @@ pub fn pci_config(data: &[u8]) {
             6 => {
                 // BAR sizing as a driver does it: all-ones, read, restore.
                 let off = (u64::from(bdf(&mut input)) << 12) | u64::from(input.pick(&REGS));
-                let mut old = [0u8; 4];
-                p.mmio.read(ECAM + off, &mut old);
-                p.mmio.write(ECAM + off, &[0xff; 4]);
-                let mut b = [0u8; 4];
-                p.mmio.read(ECAM + off, &mut b);
-                p.mmio.write(ECAM + off, &old);
+                p.size_bar(off);
             }
             7 | 8 => {
                 // MMIO where BARs go: the 32-bit window, the first 64-bit one, or anywhere.
@@ -477,6 +484,28 @@ pub fn pci_config(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzz target (a harness bug): 00:01.0 holds an address, 00:02.0's BAR is
+    /// refused there; 00:01.0 stops decoding; sizing 00:02.0's BAR maps it at the sizing
+    /// address and restoring it maps it where it was refused before. The model must follow
+    /// each write of the sizing sequence, not only its end.
+    #[test]
+    fn sizing_remaps_a_refused_bar() {
+        let mut p = Platform::new();
+        let ecam = |bdf: u16, reg: u64| ECAM + (u64::from(bdf) << 12) + reg;
+        for bdf in [0x08, 0x10] {
+            p.mmio.write(ecam(bdf, 0x04), &[0x47]);
+            p.mmio.write(ecam(bdf, 0x1c), &0x9000u16.to_le_bytes());
+            p.check(0, false);
+        }
+        assert_eq!(p.model.len(), 1);
+        p.mmio.write(ecam(0x08, 0x04), &[0]);
+        p.check(0, false);
+        // Sizing the upper half of 00:02.0's BAR 2 maps it high, then back at 0x9000_0000_0000.
+        p.size_bar((0x10 << 12) | 0x1c);
+        p.check(0, false);
+        assert_eq!(p.model.get(&(1, 2)).map(|m| m.1), Some(0x9000_0000_0000));
+    }
 
     #[test]
     fn random_inputs() {
