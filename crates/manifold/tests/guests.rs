@@ -1015,6 +1015,7 @@ fn virtio_net_frames_both_ways_through_a_tap() {
         ]);
     let mut vm = Running::start(&mut cmd);
     vm.wait_for("mac 52:54:00:12:34:56");
+    vm.wait_for("link up");
     vm.wait_for("net sent");
 
     // The guest's frame: broadcast, from its MAC, our ethertype, our payload.
@@ -1065,6 +1066,8 @@ fn virtio_net_frames_both_ways_through_a_tap() {
         "sendto: {}",
         std::io::Error::last_os_error()
     );
+    // MRG_RXBUF negotiated: the frame fitted one buffer.
+    vm.wait_for("num_buffers 1");
     vm.wait_for("reply from 02:00:00:00:00:01 to 52:54:00:12:34:56, 60 bytes");
     vm.wait_for("net got reply");
     let out = vm.finish();

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * net: a virtio-net driver over PCI (lib/virtio.c): ECAM, BAR, MSI-X,
- * VERSION_1 and MAC negotiated (no offloads, no MRG_RXBUF: every receive
- * buffer holds a whole frame behind the 12-byte virtio_net_hdr_v1), receive
- * queue 0 and transmit queue 1. Reads the MAC from the configuration space,
+ * VERSION_1, MAC, STATUS and MRG_RXBUF negotiated (no offloads; every
+ * receive buffer can hold a whole frame behind the 12-byte virtio_net_hdr_v1,
+ * so num_buffers must be 1), receive queue 0 and transmit queue 1. Reads the
+ * MAC and the link status from the configuration space,
  * posts receive buffers, sends a broadcast frame of ethertype 0x88B5 with the
  * payload "manifold-net-test" and prints "net sent"; then waits for a frame
  * of ethertype 0x88B5 whose payload starts with "manifold-net-reply" and
@@ -12,6 +13,8 @@
 #include "guest.h"
 
 #define VIRTIO_NET_F_MAC (1ull << 5)
+#define VIRTIO_NET_F_MRG_RXBUF (1ull << 15)
+#define VIRTIO_NET_F_STATUS (1ull << 16)
 #define HDR 12
 #define RXBUFS 8
 #define RXLEN (HDR + 1518)
@@ -27,7 +30,7 @@ int guest_main(struct boot_info *bi)
 	(void)bi;
 	static struct virtio_dev d;
 	virtio_irq_init();
-	if (virtio_init(&d, VIRTIO_ID_NET, 0) || virtio_negotiate(&d, VIRTIO_NET_F_MAC) ||
+	if (virtio_init(&d, VIRTIO_ID_NET, 0) || virtio_negotiate(&d, VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS) ||
 	    virtio_queue_init(&d, 0, 16, 1) || virtio_queue_init(&d, 1, 8, 1))
 		return 1;
 	/* Without VIRTIO_NET_F_MAC the driver makes one up, as Linux does (locally administered). */
@@ -38,6 +41,8 @@ int guest_main(struct boot_info *bi)
 	else
 		print("no MAC offered\n");
 	print("mac %02x:%02x:%02x:%02x:%02x:%02x\n", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]);
+	if (d.features & VIRTIO_NET_F_STATUS)
+		print("link %s\n", (virtio_cfg16(&d, 6) & 1) ? "up" : "down");
 	virtio_driver_ok(&d);
 
 	struct virtq *rq = &d.q[0];
@@ -70,6 +75,9 @@ int guest_main(struct boot_info *bi)
 		if (len >= HDR + 14 + sizeof(reply_payload) - 1 && e[12] == (ETHERTYPE >> 8) &&
 		    e[13] == (ETHERTYPE & 0xFF) &&
 		    memcmp(e + 14, reply_payload, sizeof(reply_payload) - 1) == 0) {
+			/* num_buffers: 1 for a frame in one buffer (with MRG_RXBUF; else unused). */
+			if (d.features & VIRTIO_NET_F_MRG_RXBUF)
+				print("num_buffers %u\n", p[10] | (p[11] << 8));
 			print("reply from %02x:%02x:%02x:%02x:%02x:%02x to %02x:%02x:%02x:%02x:%02x:%02x, %u bytes\n",
 			      e[6], e[7], e[8], e[9], e[10], e[11], e[0], e[1], e[2], e[3], e[4], e[5],
 			      len - HDR);
