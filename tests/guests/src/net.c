@@ -8,7 +8,9 @@
  * posts receive buffers, sends a broadcast frame of ethertype 0x88B5 with the
  * payload "manifold-net-test" and prints "net sent"; then waits for a frame
  * of ethertype 0x88B5 whose payload starts with "manifold-net-reply" and
- * prints "net got reply" (other frames are counted and given back).
+ * prints "net got reply" (other frames are counted and given back). With
+ * "wait=1" it prints "net waiting" before sending and goes on once a byte
+ * arrives on COM1.
  */
 #include "guest.h"
 
@@ -27,7 +29,6 @@ static u8 tx[HDR + 64];
 
 int guest_main(struct boot_info *bi)
 {
-	(void)bi;
 	static struct virtio_dev d;
 	virtio_irq_init();
 	if (virtio_init(&d, VIRTIO_ID_NET, 0) || virtio_negotiate(&d, VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS) ||
@@ -51,6 +52,15 @@ int guest_main(struct boot_info *bi)
 		virtq_add(rq, &b, 1);
 	}
 	virtq_kick(rq);
+
+	/* "wait=1": the host brings its end up first and says so with a byte on COM1. */
+	const char *wait = cmdline_find(bi->cmdline, "wait");
+	if (wait && wait[0] == '1') {
+		print("net waiting\n");
+		while (!(inb(COM1 + UART_LSR) & UART_LSR_DR))
+			cpu_relax();
+		(void)inb(COM1 + UART_RBR);
+	}
 
 	/* Header all zeros (no offload); broadcast; our MAC; 0x88B5; payload; padded to 60. */
 	u8 *f = tx + HDR;
