@@ -678,6 +678,45 @@ fn virtio_rng_over_pci() {
     assert!(out.stdout.contains("rng ok"), "{out:?}");
 }
 
+/// Chains a broken or hostile driver might post, through the real transport: buffers beyond RAM
+/// or on a BAR, a descriptor loop, nothing writable, a next index out of range, a good buffer
+/// before a bad one. Each comes back used with only the bytes that reached guest memory
+/// counted, each costs a log line, and the device goes on serving good requests.
+#[test]
+fn virtio_rng_survives_bad_chains() {
+    let out = run(&[
+        "run",
+        "--kernel",
+        &path("rng-pvh.elf"),
+        "--cmdline",
+        "bad=1",
+        "--memory",
+        "size=64M",
+        "--rng",
+        "--log-level",
+        "debug",
+    ]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    for line in [
+        "bad chain, beyond RAM: 0 bytes: ok",
+        "bad chain, on a BAR: 0 bytes: ok",
+        "bad chain, loop: 0 bytes: ok",
+        "bad chain, readable only: 0 bytes: ok",
+        "bad chain, next out of range: 0 bytes: ok",
+        "bad chain, second buffer beyond RAM: 16 bytes: ok",
+        "after the bad chains: 64 bytes: ok",
+        "rng ok",
+    ] {
+        assert!(out.stdout.contains(line), "missing `{line}`: {out:?}");
+    }
+    let logged = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("virtio-rng:"))
+        .count();
+    assert!(logged >= 6, "a log line per bad chain: {out:?}");
+}
+
 /// The console guest writes through virtio-console's transmit queue: with `--console
 /// file=PATH` the line lands in the file (and not on the terminal); with `--console off` there
 /// is no device for the guest to find.

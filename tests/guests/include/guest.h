@@ -408,7 +408,15 @@ void virtq_kick(struct virtq *q);
 int virtq_get(struct virtq *q, u32 *len);
 /* Wait for the next used chain (halting between MSI-X interrupts, or polling). */
 int virtq_wait(struct virtq *q, u32 *len);
-/* Add one buffer, kick, wait for it: bytes the device wrote, or -1. */
+/*
+ * For bad-input tests: publish `head` of descriptors the caller wrote itself
+ * (nothing else in flight), kick, wait for the used entry; returns its id,
+ * *len. The free list is the caller's to repair: virtq_reset_free, once
+ * every chain is back, makes every descriptor free again.
+ */
+int virtq_put_raw(struct virtq *q, u16 head, u32 *len);
+void virtq_reset_free(struct virtq *q);
+/* Add buffers, kick, wait for them: bytes the device wrote, or -1. */
 int virtq_xfer(struct virtq *q, const struct vbuf *b, u32 n);
 /* Print `n` bytes as hex on one line after `label`. */
 void print_hex(const char *label, const u8 *p, u32 n);

@@ -122,11 +122,11 @@ int virtio_init(struct virtio_dev *d, u32 type, u32 nth)
 		print("virtio capabilities missing\n");
 		return -1;
 	}
+	pci_enable(c); /* decode on first: the MSI-X table is in a BAR */
 	if (pci_msix_init(&d->msix, c, d->bars) <= 0) {
 		print("no MSI-X\n");
 		return -1;
 	}
-	pci_enable(c);
 
 	/* Reset, then ACKNOWLEDGE and DRIVER (3.1.1). */
 	uptr cc = d->common;
@@ -302,22 +302,57 @@ void virtq_kick(struct virtq *q)
 	mmio_write16(q->notify, q->index);
 }
 
-int virtq_get(struct virtq *q, u32 *len)
+/* Take the next used entry, if any: its id (0xFFFFFFFF if none), *len. Frees nothing. */
+static u32 take_used(struct virtq *q, u32 *len)
 {
 	barrier();
 	if (*(volatile u16 *)&q->used->idx == q->last_used)
-		return -1;
+		return 0xFFFFFFFF;
 	barrier();
 	u16 slot = q->last_used % q->size;
 	u32 id = q->used->ring[slot].id;
 	if (len)
 		*len = q->used->ring[slot].len;
 	q->last_used++;
-	if (id >= q->size)
-		return -1;
 	/* Interrupt at the next used entry (the device reads used_event after adding one). */
 	if (q->event_idx)
 		*used_event(q) = q->last_used;
+	return id;
+}
+
+int virtq_put_raw(struct virtq *q, u16 head, u32 *len)
+{
+	q->avail->ring[q->avail->idx % q->size] = head;
+	barrier();
+	q->avail->idx++;
+	virtq_kick(q);
+	for (;;) {
+		cli();
+		u32 id = take_used(q, len);
+		if (id != 0xFFFFFFFF) {
+			sti();
+			return (int)id;
+		}
+		if (q->vector)
+			sti_hlt();
+		else
+			sti();
+	}
+}
+
+void virtq_reset_free(struct virtq *q)
+{
+	for (u16 i = 0; i < q->size; i++)
+		q->desc[i].next = (u16)(i + 1);
+	q->free_head = 0;
+	q->num_free = q->size;
+}
+
+int virtq_get(struct virtq *q, u32 *len)
+{
+	u32 id = take_used(q, len);
+	if (id >= q->size)
+		return -1;
 	/* Give the chain's descriptors back to the free list (one if indirect). */
 	u16 i = (u16)id, n = 1;
 	while (!(q->desc[i].flags & VRING_DESC_F_INDIRECT) && (q->desc[i].flags & VRING_DESC_F_NEXT) &&
