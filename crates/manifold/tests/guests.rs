@@ -717,6 +717,57 @@ fn virtio_rng_survives_bad_chains() {
     assert!(logged >= 6, "a log line per bad chain: {out:?}");
 }
 
+/// A driver that breaks the virtio-pci rules on purpose (read-only fields written, features
+/// not offered or no VERSION_1, DRIVER_OK too early, bad queue sizes and vectors, writes past
+/// the MSI-X table, rings outside RAM): each mistake is refused as the spec says, with a log
+/// line, rings outside RAM set DEVICE_NEEDS_RESET, and after a reset and a BAR move the
+/// device works (its kicks still caught by an ioeventfd at the new address).
+#[test]
+fn virtio_pci_refuses_a_misbehaving_driver() {
+    let out = run(&[
+        "run",
+        "--kernel",
+        &path("vbad-pvh.elf"),
+        "--memory",
+        "size=64M",
+        "--rng",
+        "--log-level",
+        "debug",
+    ]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    for line in [
+        "num_queues is read-only: ok",
+        "device_feature is read-only: ok",
+        "FEATURES_OK refused for a feature not offered: ok",
+        "FEATURES_OK refused without VERSION_1: ok",
+        "DRIVER_OK refused without FEATURES_OK: ok",
+        "queue size 3 refused: ok",
+        "queue size above the maximum refused: ok",
+        "queue vector beyond the table reads NO_VECTOR: ok",
+        "config vector beyond the table reads NO_VECTOR: ok",
+        "write past the MSI-X table ignored: ok",
+        "rings beyond RAM: DEVICE_NEEDS_RESET: ok",
+        "reset clears DEVICE_NEEDS_RESET: ok",
+        "BAR 0 moved: ok",
+        "request after all that: ok",
+        "vbad ok",
+    ] {
+        assert!(out.stdout.contains(line), "missing `{line}`: {out:?}");
+    }
+    assert!(
+        out.stderr
+            .contains("device activation failed, it needs a reset"),
+        "{out:?}"
+    );
+    let logged = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("virtio-pci:"))
+        .count();
+    assert!(logged >= 10, "a log line per mistake: {out:?}");
+    assert_kicks_stayed_in_the_kernel(&out);
+}
+
 /// The console guest writes through virtio-console's transmit queue: with `--console
 /// file=PATH` the line lands in the file (and not on the terminal); with `--console off` there
 /// is no device for the guest to find.
