@@ -874,7 +874,8 @@ fn read_line(r: &mut impl std::io::BufRead) -> String {
 
 /// The vsock guest and host programs exchange data both ways over virtio-vsock's hybrid Unix
 /// socket backend: the host connects to the guest's port 1234 (`CONNECT 1234`), sends a line
-/// and reads the guest's echo; the guest connects to host port 5000 (`PATH_5000`), sends a line
+/// and reads the guest's echo, then sends 16 KiB against 4 KiB of guest credit; the guest
+/// connects to host port 5000 (`PATH_5000`), sends a line
 /// and reads the host's answer.
 #[test]
 fn virtio_vsock_both_ways() {
@@ -892,6 +893,8 @@ fn virtio_vsock_both_ways() {
         "run",
         "--kernel",
         &path("vsock-pvh.elf"),
+        "--cmdline",
+        "bulk=16384",
         "--memory",
         "size=64M",
         "--vsock",
@@ -924,6 +927,24 @@ fn virtio_vsock_both_ways() {
         .expect("write to the guest");
     assert_eq!(read_line(&mut reader), "echo: ping from host");
     vm.wait_for("vsock got: ping from host");
+
+    // Four times the credit the guest gives: it gets through only if the guest's credit
+    // updates reach the device and the device honours them.
+    let bulk: Vec<u8> = (0..16384u32).map(|i| (i * 13 + 7) as u8).collect();
+    let sum = bulk
+        .iter()
+        .map(|&b| u32::from(b))
+        .fold(0u32, u32::wrapping_add);
+    (&stream).write_all(&bulk).expect("write bulk data");
+    assert_eq!(read_line(&mut reader), format!("bulk 16384 sum {sum}"));
+    let line = vm.wait_for("vsock bulk: 16384 bytes");
+    let updates: u32 = line
+        .strip_suffix(" credit updates")
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line:?}"));
+    // 12 KiB past the first 4 KiB of credit needs at least three updates of 4 KiB.
+    assert!(updates >= 3, "{line:?}");
 
     let started = std::time::Instant::now();
     let guest = loop {

@@ -8,7 +8,9 @@
  * receive buffers are posted. Then:
  *  1. waits for a REQUEST from the host to port 1234, answers RESPONSE,
  *     collects the host's data up to '\n' ("vsock got: <line>") and sends
- *     back "echo: <line>\n";
+ *     back "echo: <line>\n"; with "bulk=N" on the command line it then takes
+ *     N bytes (more than the 4 KiB of credit it gives, so the host stalls
+ *     unless its CREDIT_UPDATEs arrive) and answers "bulk N sum S\n";
  *  2. connects to host port 5000 (REQUEST, waits for RESPONSE), sends
  *     "hello from guest <cid>\n" and collects the host's answer up to '\n'
  *     ("vsock got on 5000: <line>");
@@ -49,6 +51,7 @@ struct pkt {
 struct conn {
 	u32 local, peer;
 	u32 fwd_cnt;               /* bytes we took from the peer */
+	u32 reported;              /* fwd_cnt the peer was last told */
 	u32 tx_cnt;                /* bytes we sent */
 	u32 peer_buf, peer_fwd;    /* the peer's credit */
 };
@@ -84,6 +87,7 @@ static int send(struct conn *c, u16 op, u32 flags, const void *data, u32 len)
 	out.h.flags = flags;
 	out.h.buf_alloc = BUF_ALLOC;
 	out.h.fwd_cnt = c->fwd_cnt;
+	c->reported = c->fwd_cnt;
 	memcpy(out.data, data, len);
 	struct vbuf b = { &out, sizeof(struct hdr) + len, 0 };
 	if (virtq_xfer(&d.q[1], &b, 1) < 0) {
@@ -93,6 +97,20 @@ static int send(struct conn *c, u16 op, u32 flags, const void *data, u32 len)
 	if (op == OP_RW)
 		c->tx_cnt += len;
 	return 0;
+}
+
+/* `v` in decimal at `out`; returns the number of digits. */
+static u32 fmt_u32(char *out, u32 v)
+{
+	char digits[10];
+	u32 nd = 0, n = 0;
+	do {
+		digits[nd++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	while (nd)
+		out[n++] = digits[--nd];
+	return n;
 }
 
 /* Next packet into `in` (its rx buffer goes straight back to the device). */
@@ -156,6 +174,29 @@ static int read_line(struct conn *c, char *line, u32 max)
 	}
 }
 
+/*
+ * Take `n` bytes of RW payload on `c`, summing them; tell the peer of the room freed whenever
+ * half the buffer has been taken (it may not send more than BUF_ALLOC unacknowledged).
+ */
+static int read_bulk(struct conn *c, u32 n, u32 *sum, u32 *updates)
+{
+	u32 got = 0;
+	while (got < n) {
+		if (expect(c, OP_RW))
+			return -1;
+		u32 len = in.h.len < PAYLOAD ? in.h.len : PAYLOAD;
+		*sum += byte_sum(in.data, len);
+		got += len;
+		c->fwd_cnt += len;
+		if (c->fwd_cnt - c->reported >= BUF_ALLOC / 2) {
+			if (send(c, OP_CREDIT_UPDATE, 0, NULL, 0))
+				return -1;
+			(*updates)++;
+		}
+	}
+	return (int)got;
+}
+
 int guest_main(struct boot_info *bi)
 {
 	(void)bi;
@@ -195,6 +236,29 @@ int guest_main(struct boot_info *bi)
 		return 1;
 	print("vsock echoed\n");
 
+	/* 1b. More than the credit we gave: only moves if our credit updates get through. */
+	const char *bulk = cmdline_find(bi->cmdline, "bulk");
+	int ok;
+	u32 want = bulk ? (u32)parse_u64(bulk, &ok) : 0;
+	if (want) {
+		u32 sum = 0, updates = 0;
+		int got = read_bulk(&a, want, &sum, &updates);
+		if (got < 0)
+			return 1;
+		print("vsock bulk: %d bytes, sum %u, %u credit updates\n", got, sum, updates);
+		static const char pre[] = "bulk ";
+		n = 0;
+		memcpy(msg, pre, sizeof(pre) - 1);
+		n = sizeof(pre) - 1;
+		n += fmt_u32(msg + n, (u32)got);
+		memcpy(msg + n, " sum ", 5);
+		n += 5;
+		n += fmt_u32(msg + n, sum);
+		msg[n++] = '\n';
+		if (send(&a, OP_RW, 0, msg, n))
+			return 1;
+	}
+
 	/* 2. We connect to host port 5000. */
 	static struct conn b = { .local = LOCAL_PORT, .peer = HOST_PORT };
 	if (send(&b, OP_REQUEST, 0, NULL, 0) || expect(&b, OP_RESPONSE)) {
@@ -205,16 +269,7 @@ int guest_main(struct boot_info *bi)
 	static const char hi[] = "hello from guest ";
 	memcpy(msg, hi, sizeof(hi) - 1);
 	n = sizeof(hi) - 1;
-	/* cid in decimal */
-	char digits[12];
-	u32 nd = 0;
-	u32 v = (u32)cid;
-	do {
-		digits[nd++] = (char)('0' + v % 10);
-		v /= 10;
-	} while (v);
-	while (nd)
-		msg[n++] = digits[--nd];
+	n += fmt_u32(msg + n, (u32)cid);
 	msg[n++] = '\n';
 	if (send(&b, OP_RW, 0, msg, n))
 		return 1;
