@@ -14,7 +14,7 @@
 
 static const char hello[] = "hello from hvc0\n";
 static u8 rx[RXBUFS][RXLEN];
-static char line[128];
+static char line[600];
 
 int guest_main(struct boot_info *bi)
 {
