@@ -1033,6 +1033,9 @@ fn ip(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Frames the net tests send the guest.
+const NET_REPLIES: u8 = 32;
+
 /// The local-experimental ethertype the net guest sends and listens for.
 const ETH_P_TEST: u16 = 0x88b5;
 
@@ -1145,7 +1148,10 @@ fn net_round_trip(precreate: bool) {
             "--kernel",
             &path("net-pvh.elf"),
             "--cmdline",
-            if precreate { "" } else { "wait=1" },
+            &format!(
+                "replies={NET_REPLIES}{}",
+                if precreate { "" } else { " wait=1" }
+            ),
             "--memory",
             "size=64M",
             "--net",
@@ -1185,13 +1191,8 @@ fn net_round_trip(precreate: bool) {
     assert_eq!(frame[12..14], ETH_P_TEST.to_be_bytes());
     assert!(frame[14..].starts_with(b"manifold-net-test"), "{frame:?}");
 
-    // The reply, to the guest's MAC.
-    let mut reply = Vec::new();
-    reply.extend_from_slice(&MAC);
-    reply.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    reply.extend_from_slice(&ETH_P_TEST.to_be_bytes());
-    reply.extend_from_slice(b"manifold-net-reply");
-    reply.resize(60, 0);
+    // The replies, to the guest's MAC, numbered: four times the receive buffers the guest
+    // keeps posted, so most wait in the tap until the guest gives buffers back.
     // SAFETY: sockaddr_ll is plain old data, for which all zeros is a valid value.
     let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     to.sll_family = libc::AF_PACKET as u16;
@@ -1199,26 +1200,36 @@ fn net_round_trip(precreate: bool) {
     to.sll_ifindex = ifindex;
     to.sll_halen = 6;
     to.sll_addr[..6].copy_from_slice(&MAC);
-    // SAFETY: `reply` and `to` are valid for the lengths given.
-    let sent = unsafe {
-        libc::sendto(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            reply.as_ptr().cast(),
-            reply.len(),
-            0,
-            (&raw const to).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        usize::try_from(sent).ok(),
-        Some(reply.len()),
-        "sendto: {}",
-        std::io::Error::last_os_error()
-    );
+    for seq in 0..NET_REPLIES {
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&MAC);
+        reply.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        reply.extend_from_slice(&ETH_P_TEST.to_be_bytes());
+        reply.extend_from_slice(b"manifold-net-reply");
+        reply.push(seq);
+        reply.resize(60, 0);
+        // SAFETY: `reply` and `to` are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                reply.as_ptr().cast(),
+                reply.len(),
+                0,
+                (&raw const to).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            usize::try_from(sent).ok(),
+            Some(reply.len()),
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     // MRG_RXBUF negotiated: the frame fitted one buffer.
     vm.wait_for("num_buffers 1");
     vm.wait_for("reply from 02:00:00:00:00:01 to 52:54:00:12:34:56, 60 bytes");
+    vm.wait_for(&format!("net got {NET_REPLIES} replies in order"));
     vm.wait_for("net got reply");
     let out = vm.finish();
     assert_eq!(out.code(), 1, "{out:?}");

@@ -9,6 +9,8 @@
  * payload "manifold-net-test" and prints "net sent"; then waits for a frame
  * of ethertype 0x88B5 whose payload starts with "manifold-net-reply" and
  * prints "net got reply" (other frames are counted and given back). With
+ * "replies=N" it waits for N of them, numbered 0..N-1 by the byte after the
+ * text, more than the 8 receive buffers it keeps posted. With
  * "wait=1" it prints "net waiting" before sending and goes on once a byte
  * arrives on COM1.
  */
@@ -76,30 +78,48 @@ int guest_main(struct boot_info *bi)
 	}
 	print("net sent\n");
 
-	u32 others = 0;
-	for (;;) {
+	/* "replies=N": N replies, the byte after the payload text numbering them 0, 1, ... */
+	const char *r = cmdline_find(bi->cmdline, "replies");
+	int num_ok = 0;
+	u32 want = r ? (u32)parse_u64(r, &num_ok) : 1;
+	if (!num_ok || want == 0)
+		want = 1;
+	u32 others = 0, got = 0, bad = 0;
+	const u32 plen = sizeof(reply_payload) - 1;
+	while (got < want) {
 		u32 len;
 		int id = virtq_wait(rq, &len);
 		u8 *p = (u8 *)(uptr)rq->desc[id].addr;
 		u8 *e = p + HDR;
-		if (len >= HDR + 14 + sizeof(reply_payload) - 1 && e[12] == (ETHERTYPE >> 8) &&
-		    e[13] == (ETHERTYPE & 0xFF) &&
-		    memcmp(e + 14, reply_payload, sizeof(reply_payload) - 1) == 0) {
-			/* num_buffers: 1 for a frame in one buffer (with MRG_RXBUF; else unused). */
-			if (d.features & VIRTIO_NET_F_MRG_RXBUF)
-				print("num_buffers %u\n", p[10] | (p[11] << 8));
-			print("reply from %02x:%02x:%02x:%02x:%02x:%02x to %02x:%02x:%02x:%02x:%02x:%02x, %u bytes\n",
-			      e[6], e[7], e[8], e[9], e[10], e[11], e[0], e[1], e[2], e[3], e[4], e[5],
-			      len - HDR);
-			break;
+		if (len >= HDR + 14 + plen + 1 && e[12] == (ETHERTYPE >> 8) &&
+		    e[13] == (ETHERTYPE & 0xFF) && memcmp(e + 14, reply_payload, plen) == 0) {
+			if (got == 0) {
+				/* num_buffers: 1 for a frame in one buffer (with MRG_RXBUF; else unused). */
+				if (d.features & VIRTIO_NET_F_MRG_RXBUF)
+					print("num_buffers %u\n", p[10] | (p[11] << 8));
+				print("reply from %02x:%02x:%02x:%02x:%02x:%02x to %02x:%02x:%02x:%02x:%02x:%02x, %u bytes\n",
+				      e[6], e[7], e[8], e[9], e[10], e[11], e[0], e[1], e[2], e[3], e[4],
+				      e[5], len - HDR);
+			}
+			if (e[14 + plen] != (u8)got) {
+				print("reply %u where %u was due\n", e[14 + plen], got);
+				bad++;
+			}
+			got++;
+		} else {
+			others++;
 		}
-		others++;
 		struct vbuf b = { p, RXLEN, 1 };
 		virtq_add(rq, &b, 1);
 		virtq_kick(rq);
 	}
 	print("other frames: %u\n", others);
 	print("interrupts: %u\n", virtio_irqs);
+	if (bad) {
+		print("replies out of order\n");
+		return 1;
+	}
+	print("net got %u replies in order\n", got);
 	print("net got reply\n");
 	return 0;
 }
