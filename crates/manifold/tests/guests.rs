@@ -768,6 +768,54 @@ fn virtio_pci_refuses_a_misbehaving_driver() {
     assert_kicks_stayed_in_the_kernel(&out);
 }
 
+/// Four kinds of virtio device in one VM (blk, rng, console, vsock): one function each on bus
+/// 0, BARs apart, MSI-X each, and each works beside the others.
+#[test]
+fn virtio_devices_side_by_side() {
+    let mut image = b"multi-disk-0".to_vec();
+    image.resize(1 << 20, 0);
+    let disk = TempFile::new("multi.img", &image);
+    let console = TempFile::new("multi-console.out", b"");
+    let dir = TempDir::new("multi");
+    let out = run(&[
+        "run",
+        "--kernel",
+        &path("multi-pvh.elf"),
+        "--cmdline",
+        "multi-disk-0",
+        "--memory",
+        "size=64M",
+        "--disk",
+        &format!("path={}", disk.path()),
+        "--rng",
+        "--console",
+        &format!("file={}", console.path()),
+        "--vsock",
+        &format!("cid=7,socket={}", dir.join("vsock.sock")),
+        "--log-level",
+        "debug",
+    ]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    for line in [
+        "1af4:1042",
+        "1af4:1044",
+        "1af4:1043",
+        "1af4:1053",
+        "blk sector 0 read: ok",
+        "rng 16 bytes: ok",
+        "console line sent: ok",
+        "vsock cid 7",
+        "distinct BARs: ok",
+        "interrupts: 3",
+        "multi ok",
+    ] {
+        assert!(out.stdout.contains(line), "missing `{line}`: {out:?}");
+    }
+    assert_kicks_stayed_in_the_kernel(&out);
+    let written = std::fs::read_to_string(console.path()).expect("read console file");
+    assert_eq!(written, "multi hvc0\n");
+}
+
 /// The console guest writes through virtio-console's transmit queue: with `--console
 /// file=PATH` the line lands in the file (and not on the terminal); with `--console off` there
 /// is no device for the guest to find.
