@@ -1144,8 +1144,9 @@ fn recv_frame(fd: &std::os::fd::OwnedFd) -> Option<Vec<u8>> {
 }
 
 /// The net guest and a tap inside a network namespace of the test's: the guest's broadcast
-/// frame shows up on the tap (seen by an AF_PACKET socket there), and a frame sent there to
-/// the guest's MAC reaches the guest through virtio-net's receive queue. Manifold runs inside
+/// frames (a small one, a full-size one) show up on the tap (seen by an AF_PACKET socket
+/// there), and frames sent there to the guest's MAC (a full-size one, then 31 small ones)
+/// reach the guest through virtio-net's receive queue, all and in order. Manifold runs inside
 /// the namespace (`ip netns exec`), so it opens the tap there. Needs root and /dev/net/tun.
 #[test]
 fn virtio_net_frames_both_ways_through_a_tap() {
@@ -1220,11 +1221,12 @@ fn net_round_trip(precreate: bool) {
             s
         }
     };
-    vm.wait_for("net sent");
+    vm.wait_for("net sent big");
 
-    // The guest's frame: broadcast, from its MAC, our ethertype, our payload.
+    // The guest's frames: broadcast, from its MAC, our ethertype, our payload; first a small
+    // one, then a full-size one whose header came in a buffer of its own.
     let started = std::time::Instant::now();
-    let frame = loop {
+    let next_frame = || loop {
         assert!(
             started.elapsed() < common::HANG_LIMIT,
             "no frame from the guest on the tap"
@@ -1233,11 +1235,22 @@ fn net_round_trip(precreate: bool) {
             break f;
         }
     };
+    let frame = next_frame();
     assert!(frame.len() >= 60, "{frame:?}");
     assert_eq!(frame[0..6], [0xff; 6], "broadcast");
     assert_eq!(frame[6..12], MAC, "from the guest's MAC");
     assert_eq!(frame[12..14], ETH_P_TEST.to_be_bytes());
     assert!(frame[14..].starts_with(b"manifold-net-test"), "{frame:?}");
+    let big = next_frame();
+    assert_eq!(big.len(), 1514, "a full-size frame");
+    assert_eq!(big[0..6], [0xff; 6], "broadcast");
+    assert_eq!(big[6..12], MAC, "from the guest's MAC");
+    assert_eq!(big[12..14], ETH_P_TEST.to_be_bytes());
+    let tag = b"manifold-net-big";
+    assert!(big[14..].starts_with(tag), "{big:?}");
+    for i in tag.len()..1500 {
+        assert_eq!(big[14 + i], (i * 7) as u8, "payload byte {i}");
+    }
 
     // The replies, to the guest's MAC, numbered: four times the receive buffers the guest
     // keeps posted, so most wait in the tap until the guest gives buffers back.
@@ -1255,7 +1268,8 @@ fn net_round_trip(precreate: bool) {
         reply.extend_from_slice(&ETH_P_TEST.to_be_bytes());
         reply.extend_from_slice(b"manifold-net-reply");
         reply.push(seq);
-        reply.resize(60, 0);
+        // The first full-size, the others the minimum.
+        reply.resize(if seq == 0 { 1514 } else { 60 }, 0);
         // SAFETY: `reply` and `to` are valid for the lengths given.
         let sent = unsafe {
             libc::sendto(
@@ -1276,7 +1290,7 @@ fn net_round_trip(precreate: bool) {
     }
     // MRG_RXBUF negotiated: the frame fitted one buffer.
     vm.wait_for("num_buffers 1");
-    vm.wait_for("reply from 02:00:00:00:00:01 to 52:54:00:12:34:56, 60 bytes");
+    vm.wait_for("reply from 02:00:00:00:00:01 to 52:54:00:12:34:56, 1514 bytes");
     vm.wait_for(&format!("net got {NET_REPLIES} replies in order"));
     vm.wait_for("net got reply");
     let out = vm.finish();

@@ -6,7 +6,9 @@
  * so num_buffers must be 1), receive queue 0 and transmit queue 1. Reads the
  * MAC and the link status from the configuration space,
  * posts receive buffers, sends a broadcast frame of ethertype 0x88B5 with the
- * payload "manifold-net-test" and prints "net sent"; then waits for a frame
+ * payload "manifold-net-test" and prints "net sent", then a full-size one
+ * (payload "manifold-net-big" and a byte pattern, header and frame in two
+ * buffers) and prints "net sent big"; then waits for a frame
  * of ethertype 0x88B5 whose payload starts with "manifold-net-reply" and
  * prints "net got reply" (other frames are counted and given back). With
  * "replies=N" it waits for N of them, numbered 0..N-1 by the byte after the
@@ -28,6 +30,9 @@ static const char test_payload[] = "manifold-net-test";
 static const char reply_payload[] = "manifold-net-reply";
 static u8 rx[RXBUFS][RXLEN];
 static u8 tx[HDR + 64];
+static const char big_payload[] = "manifold-net-big";
+static u8 big_hdr[HDR];
+static u8 big[14 + 1500];
 
 int guest_main(struct boot_info *bi)
 {
@@ -77,6 +82,25 @@ int guest_main(struct boot_info *bi)
 		return 1;
 	}
 	print("net sent\n");
+
+	/*
+	 * A full-size frame (1514 bytes), its header in a buffer of its own as Linux sends it: a
+	 * chain of two, in an indirect table when negotiated. Payload "manifold-net-big", then
+	 * bytes (i * 7) & 0xFF up to 1500.
+	 */
+	memset(big, 0xFF, 6);
+	memcpy(big + 6, mac, 6);
+	big[12] = ETHERTYPE >> 8;
+	big[13] = ETHERTYPE & 0xFF;
+	memcpy(big + 14, big_payload, sizeof(big_payload) - 1);
+	for (u32 i = sizeof(big_payload) - 1; i < 1500; i++)
+		big[14 + i] = (u8)(i * 7);
+	struct vbuf two[2] = { { big_hdr, HDR, 0 }, { big, sizeof(big), 0 } };
+	if (virtq_xfer(&d.q[1], two, 2) < 0) {
+		print("transmit failed\n");
+		return 1;
+	}
+	print("net sent big\n");
 
 	/* "replies=N": N replies, the byte after the payload text numbering them 0, 1, ... */
 	const char *r = cmdline_find(bi->cmdline, "replies");
