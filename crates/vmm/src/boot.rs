@@ -1,7 +1,10 @@
 //! Loading a kernel (ELF with or without a PVH note, or bzImage), its initramfs and command line,
 //! and writing the boot parameters its protocol expects.
 
+mod bzimage;
+
 use std::fs::File;
+use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -27,6 +30,12 @@ pub enum BootError {
     KernelFormat(PathBuf, loader::Error),
     #[error("Cannot load kernel {0} into guest memory: {1}")]
     LoadKernel(PathBuf, loader::Error),
+    #[error("Cannot read kernel {0}")]
+    ReadKernel(PathBuf, #[source] std::io::Error),
+    #[error("Kernel {0}: {1}")]
+    BzImage(PathBuf, bzimage::BzImageError),
+    #[error("Kernel {0}: the decompressed payload does not load: {1}")]
+    LoadVmlinux(PathBuf, loader::Error),
     #[error("Cannot open initramfs {0}")]
     OpenInitramfs(PathBuf, #[source] std::io::Error),
     #[error("Initramfs {0} ({1} bytes) does not fit in guest memory below {2:#x}")]
@@ -83,21 +92,86 @@ fn memory_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
-fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelLoaderResult, BootError> {
+/// A kernel in guest memory and how to enter it.
+struct LoadedKernel {
+    result: KernelLoaderResult,
+    /// 64-bit entry point for the Linux boot protocol (unused with a PVH entry).
+    entry: u64,
+}
+
+fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
     let mut file = File::open(path).map_err(|e| BootError::OpenKernel(path.into(), e))?;
     let himem = Some(GuestAddress(HIMEM_START));
     match Elf::load(mem, None, &mut file, himem) {
-        Ok(r) => Ok(r),
+        Ok(result) => {
+            let entry = result.kernel_load.raw_value();
+            Ok(LoadedKernel { result, entry })
+        }
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
-            BzImage::load(mem, None, &mut file, himem).map_err(|e| match e {
+            if let Some(kernel) = load_decompressed(mem, path, &mut file)? {
+                return Ok(kernel);
+            }
+            let result = BzImage::load(mem, None, &mut file, himem).map_err(|e| match e {
                 loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage) => {
                     BootError::KernelFormat(path.into(), e)
                 }
                 e => BootError::LoadKernel(path.into(), e),
-            })
+            })?;
+            // The 64-bit entry of a bzImage is 0x200 into its protected-mode code.
+            let entry = result.kernel_load.raw_value() + 0x200;
+            Ok(LoadedKernel { result, entry })
         }
         Err(e) => Err(BootError::LoadKernel(path.into(), e)),
     }
+}
+
+/// A bzImage whose payload we can decompress is loaded as its vmlinux ELF (see
+/// [`bzimage`]): `None` if `file` is not a bzImage or its compression is not one we know, so
+/// that the caller loads it whole and the guest decompresses it.
+///
+/// The ELF's segments go to their physical addresses (LOAD_PHYSICAL_ADDR, where the kernel was
+/// linked to run), and the kernel is entered at its ELF entry (`startup_64`) with the bzImage's
+/// setup header in the zero page: what the bzImage's decompressor does, minus its KASLR. No
+/// `nokaslr` is needed for that: the kernel learns it was not randomised from
+/// `loadflags.KASLR_FLAG`, which only the decompressor sets. A PVH note in the ELF is ignored so
+/// that the boot protocol stays the one the bzImage asks for.
+fn load_decompressed(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    file: &mut File,
+) -> Result<Option<LoadedKernel>, BootError> {
+    let read_err = |e| BootError::ReadKernel(path.into(), e);
+    let mut image = Vec::new();
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    file.read_to_end(&mut image).map_err(read_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    if bzimage::header(&image).is_none() {
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    let decompressed = match bzimage::decompress(&image) {
+        Ok(d) => d,
+        Err(e @ bzimage::BzImageError::UnknownCompression(_)) => {
+            tracing::info!("{e}: the kernel decompresses itself in the guest");
+            return Ok(None);
+        }
+        Err(e) => return Err(BootError::BzImage(path.into(), e)),
+    };
+    drop(image);
+    let himem = Some(GuestAddress(HIMEM_START));
+    let mut result = Elf::load(mem, None, &mut Cursor::new(&decompressed.vmlinux), himem)
+        .map_err(|e| BootError::LoadVmlinux(path.into(), e))?;
+    let entry = result.kernel_load.raw_value();
+    tracing::info!(
+        compression = %decompressed.compression,
+        bytes = decompressed.vmlinux.len(),
+        ms = started.elapsed().as_millis() as u64,
+        entry = format_args!("{entry:#x}"),
+        "bzImage payload decompressed on the host; entering vmlinux directly"
+    );
+    result.setup_header = Some(decompressed.header);
+    result.pvh_boot_cap = PvhBootCapability::PvhEntryNotPresent;
+    Ok(Some(LoadedKernel { result, entry }))
 }
 
 /// Place the initramfs page-aligned at the top of low memory, below `addr_max`.
@@ -131,7 +205,10 @@ pub fn load(
     mem_size: u64,
     config: &api::PayloadConfig,
 ) -> Result<LoadedPayload, BootError> {
-    let kernel = load_kernel(mem, &config.kernel)?;
+    let LoadedKernel {
+        result: kernel,
+        entry,
+    } = load_kernel(mem, &config.kernel)?;
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(BootError::Cmdline)?;
     cmdline
@@ -166,19 +243,15 @@ pub fn load(
     }
 
     let mut params = boot_params::default();
-    let entry = match kernel.setup_header {
-        // A bzImage: keep its header and enter at the 64-bit entry point.
-        Some(hdr) => {
-            params.hdr = hdr;
-            kernel.kernel_load.raw_value() + 0x200
-        }
+    match kernel.setup_header {
+        // A bzImage (whole or decompressed here): keep its header.
+        Some(hdr) => params.hdr = hdr,
         None => {
             params.hdr.boot_flag = 0xaa55;
             params.hdr.header = 0x5372_6448;
             params.hdr.kernel_alignment = 0x100_0000;
-            kernel.kernel_load.raw_value()
         }
-    };
+    }
     // "Undefined" boot loader: the kernel must not assume any particular one.
     params.hdr.type_of_loader = 0xff;
     params.hdr.cmd_line_ptr = CMDLINE as u32;

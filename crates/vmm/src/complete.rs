@@ -19,7 +19,15 @@
 //! through [`state::State`] and returns a [`Refusal`] for anything it does not do exactly, and an
 //! arm in [`dispatch`].
 
+mod ac;
+pub(crate) mod cmpxchg16b;
+mod fwait;
+mod int3;
 mod iret;
+mod operand;
+mod popcnt;
+mod rdrand;
+mod shift;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -43,14 +51,51 @@ use state::State;
 pub enum Kind {
     /// IRET / IRETD / IRETQ in protected or IA-32e mode.
     Iret,
+    Clac,
+    Stac,
+    Popcnt,
+    Fwait,
+    Shlx,
+    Shrx,
+    Sarx,
+    /// INT3 delivered through the 64-bit IDT.
+    Int3,
+    Rdrand,
+    Rdseed,
+    /// CMPXCHG16B / CMPXCHG8B.
+    Cmpxchg16b,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 1] = [Kind::Iret];
+    pub const ALL: [Kind; 12] = [
+        Kind::Iret,
+        Kind::Clac,
+        Kind::Stac,
+        Kind::Popcnt,
+        Kind::Fwait,
+        Kind::Shlx,
+        Kind::Shrx,
+        Kind::Sarx,
+        Kind::Int3,
+        Kind::Rdrand,
+        Kind::Rdseed,
+        Kind::Cmpxchg16b,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Iret => "iret",
+            Kind::Clac => "clac",
+            Kind::Stac => "stac",
+            Kind::Popcnt => "popcnt",
+            Kind::Fwait => "fwait",
+            Kind::Shlx => "shlx",
+            Kind::Shrx => "shrx",
+            Kind::Sarx => "sarx",
+            Kind::Int3 => "int3",
+            Kind::Rdrand => "rdrand",
+            Kind::Rdseed => "rdseed",
+            Kind::Cmpxchg16b => "cmpxchg16b",
         }
     }
 }
@@ -64,6 +109,9 @@ impl fmt::Display for Kind {
 /// An exception the instruction would raise in the guest, with its error code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exception {
+    Ud,
+    Nm,
+    Mf,
     Gp(u16),
     Ss(u16),
     Np(u16),
@@ -72,6 +120,9 @@ pub enum Exception {
 impl fmt::Display for Exception {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (name, code) = match self {
+            Exception::Ud => return f.write_str("#UD"),
+            Exception::Nm => return f.write_str("#NM"),
+            Exception::Mf => return f.write_str("#MF"),
             Exception::Gp(c) => ("GP", c),
             Exception::Ss(c) => ("SS", c),
             Exception::Np(c) => ("NP", c),
@@ -193,9 +244,34 @@ impl Completer {
 
 /// Pick the completion for `insn`: `None` if there is none.
 fn dispatch(insn: &Instruction, state: &mut State<'_>) -> Option<Result<Kind, Refusal>> {
-    let done = match insn.code() {
+    let code = insn.code();
+    let done = match code {
         Code::Iretw | Code::Iretd | Code::Iretq => iret::complete(insn, state).map(|()| Kind::Iret),
-        _ => return None,
+        Code::Clac => ac::complete(insn, state).map(|()| Kind::Clac),
+        Code::Stac => ac::complete(insn, state).map(|()| Kind::Stac),
+        Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => {
+            popcnt::complete(insn, state).map(|()| Kind::Popcnt)
+        }
+        Code::Wait => fwait::complete(insn, state).map(|()| Kind::Fwait),
+        Code::Int3 => int3::complete(insn, state).map(|()| Kind::Int3),
+        Code::Rdrand_r16 | Code::Rdrand_r32 | Code::Rdrand_r64 => {
+            rdrand::complete(insn, state).map(|()| Kind::Rdrand)
+        }
+        Code::Rdseed_r16 | Code::Rdseed_r32 | Code::Rdseed_r64 => {
+            rdrand::complete(insn, state).map(|()| Kind::Rdseed)
+        }
+        Code::Cmpxchg16b_m128 | Code::Cmpxchg8b_m64 => {
+            cmpxchg16b::complete(insn, state).map(|()| Kind::Cmpxchg16b)
+        }
+        _ => {
+            let shift = shift::kind(code)?;
+            let kind = match shift {
+                shift::Shift::Left => Kind::Shlx,
+                shift::Shift::Logical => Kind::Shrx,
+                shift::Shift::Arithmetic => Kind::Sarx,
+            };
+            shift::complete(insn, state, shift).map(|()| kind)
+        }
     };
     Some(done)
 }

@@ -3,7 +3,8 @@
 //! change held back until [`State::commit`], so that a refusal leaves the vCPU untouched.
 
 use kvm_bindings::{
-    KVM_VCPUEVENT_VALID_PAYLOAD, KVM_VCPUEVENT_VALID_SHADOW, kvm_regs, kvm_segment, kvm_sregs,
+    KVM_VCPUEVENT_VALID_PAYLOAD, KVM_VCPUEVENT_VALID_SHADOW, kvm_fpu, kvm_regs, kvm_segment,
+    kvm_sregs,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -270,6 +271,32 @@ impl<'a> State<'a> {
             });
         }
         Ok(())
+    }
+
+    /// The host address of `len` bytes of guest RAM at `linear`, which must not cross a page,
+    /// for an access that must be atomic against other vCPUs (done at once, not at commit).
+    pub fn host_ptr(&self, linear: u64, len: usize) -> Result<*mut u8, Refusal> {
+        let pieces = self.pieces(linear, len)?;
+        let [(gpa, _, n)] = pieces[..] else {
+            return Err(Refusal::Unsupported(
+                "an atomic access across a page boundary",
+            ));
+        };
+        if n != len {
+            return Err(Refusal::Unsupported(
+                "an atomic access across a page boundary",
+            ));
+        }
+        self.mem
+            .get_host_address(gpa)
+            .map_err(|_| Refusal::NotRam { linear, gpa: gpa.0 })
+    }
+
+    /// The x87/SSE state (KVM_GET_FPU).
+    pub fn fpu(&self) -> Result<kvm_fpu, Refusal> {
+        self.vcpu
+            .get_fpu()
+            .map_err(|e| Refusal::Vcpu("KVM_GET_FPU", e))
     }
 
     /// Read up to 15 instruction bytes at CS:RIP; the second page may be unmapped (the
