@@ -120,12 +120,14 @@ fn run(data: &[u8]) -> usize {
     };
     let serial = (opts & 0x20 != 0).then(|| "fuzz-serial-0123456".to_string());
     let opened = file.try_clone().ok().and_then(|f| {
-        let opts = BlockOptions {
+        // "Direct" on a memfd: the device applies O_DIRECT's alignment rules and bounces
+        // unaligned buffers (the memfd itself would refuse O_DIRECT).
+        let options = BlockOptions {
             read_only,
-            direct: false,
+            direct: opts & 0x40 != 0,
             serial,
         };
-        BlockBackend::from_file(f, &opts).ok()
+        BlockBackend::from_file(f, &options).ok()
     });
     let Some(backend) = opened else {
         return 0;
