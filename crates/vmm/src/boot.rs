@@ -174,6 +174,17 @@ fn load_decompressed(
     Ok(Some(LoadedKernel { result, entry }))
 }
 
+/// The words of `extra` that `given` does not already have (by parameter name, so that a user's
+/// own `clearcpuid=...` is kept as it is).
+fn host_words<'a>(given: &str, extra: &'a str) -> Vec<&'a str> {
+    let name = |w: &str| w.split('=').next().unwrap_or(w).to_owned();
+    let have: Vec<String> = given.split_whitespace().map(name).collect();
+    extra
+        .split_whitespace()
+        .filter(|w| !have.contains(&name(w)))
+        .collect()
+}
+
 /// Place the initramfs page-aligned at the top of low memory, below `addr_max`.
 fn load_initramfs(
     mem: &GuestMemoryMmap,
@@ -211,9 +222,26 @@ pub fn load(
     } = load_kernel(mem, &config.kernel)?;
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(BootError::Cmdline)?;
-    cmdline
-        .insert_str(config.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE))
-        .map_err(BootError::Cmdline)?;
+    let given = config.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
+    cmdline.insert_str(given).map_err(BootError::Cmdline)?;
+    // A bzImage is Linux: on a host that hands instructions back it must keep away from what
+    // cannot be completed (see `host`).
+    if kernel.setup_header.is_some()
+        && let Some(extra) = crate::host::linux_cmdline_additions()
+    {
+        let missing = host_words(given, extra);
+        if !missing.is_empty() {
+            cmdline
+                .insert_str(missing.join(" "))
+                .map_err(BootError::Cmdline)?;
+            tracing::info!(
+                "this host's KVM hands guest instructions back: added `{}` to the kernel command \
+                 line ({}=1 to leave it as given)",
+                missing.join(" "),
+                crate::host::OPT_OUT_ENV
+            );
+        }
+    }
     loader::load_cmdline(mem, GuestAddress(CMDLINE), &cmdline).map_err(BootError::WriteCmdline)?;
     let cmdline_len = cmdline
         .as_cstring()
@@ -328,6 +356,20 @@ fn write_pvh(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_words_skip_what_is_given() {
+        let extra = "noxsave clearcpuid=ssse3";
+        assert_eq!(
+            host_words("console=ttyS0", extra),
+            ["noxsave", "clearcpuid=ssse3"]
+        );
+        assert_eq!(
+            host_words("noxsave clearcpuid=cx16", extra),
+            Vec::<&str>::new()
+        );
+        assert_eq!(host_words("quiet noxsave", extra), ["clearcpuid=ssse3"]);
+    }
 
     #[test]
     fn memory_map_shapes() {

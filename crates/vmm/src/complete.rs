@@ -29,6 +29,7 @@ mod popcnt;
 mod rdrand;
 mod shift;
 mod state;
+mod syscall;
 #[cfg(test)]
 mod tests;
 
@@ -64,10 +65,12 @@ pub enum Kind {
     Rdseed,
     /// CMPXCHG16B / CMPXCHG8B.
     Cmpxchg16b,
+    /// A user-mode SYSCALL redone when the entry's CLAC shows it stayed in user mode.
+    Syscall,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Iret,
         Kind::Clac,
         Kind::Stac,
@@ -80,6 +83,7 @@ impl Kind {
         Kind::Rdrand,
         Kind::Rdseed,
         Kind::Cmpxchg16b,
+        Kind::Syscall,
     ];
 
     pub fn name(self) -> &'static str {
@@ -96,6 +100,7 @@ impl Kind {
             Kind::Rdrand => "rdrand",
             Kind::Rdseed => "rdseed",
             Kind::Cmpxchg16b => "cmpxchg16b",
+            Kind::Syscall => "syscall fix-up",
         }
     }
 }
@@ -247,7 +252,11 @@ fn dispatch(insn: &Instruction, state: &mut State<'_>) -> Option<Result<Kind, Re
     let code = insn.code();
     let done = match code {
         Code::Iretw | Code::Iretd | Code::Iretq => iret::complete(insn, state).map(|()| Kind::Iret),
-        Code::Clac => ac::complete(insn, state).map(|()| Kind::Clac),
+        Code::Clac => match syscall::fixup(state) {
+            Ok(true) => Ok(Kind::Syscall),
+            Ok(false) => ac::complete(insn, state).map(|()| Kind::Clac),
+            Err(e) => Err(e),
+        },
         Code::Stac => ac::complete(insn, state).map(|()| Kind::Stac),
         Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => {
             popcnt::complete(insn, state).map(|()| Kind::Popcnt)

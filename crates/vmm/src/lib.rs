@@ -11,6 +11,7 @@ pub mod control;
 pub mod cpu;
 pub mod event_loop;
 pub mod firmware;
+pub mod host;
 pub mod interrupts;
 pub mod ioevents;
 pub mod layout;

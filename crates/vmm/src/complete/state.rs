@@ -3,8 +3,8 @@
 //! change held back until [`State::commit`], so that a refusal leaves the vCPU untouched.
 
 use kvm_bindings::{
-    KVM_VCPUEVENT_VALID_PAYLOAD, KVM_VCPUEVENT_VALID_SHADOW, kvm_fpu, kvm_regs, kvm_segment,
-    kvm_sregs,
+    KVM_VCPUEVENT_VALID_PAYLOAD, KVM_VCPUEVENT_VALID_SHADOW, Msrs, kvm_fpu, kvm_msr_entry,
+    kvm_regs, kvm_segment, kvm_sregs,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -290,6 +290,31 @@ impl<'a> State<'a> {
         self.mem
             .get_host_address(gpa)
             .map_err(|_| Refusal::NotRam { linear, gpa: gpa.0 })
+    }
+
+    /// The values of `N` model-specific registers.
+    pub fn msrs<const N: usize>(&self, indices: [u32; N]) -> Result<[u64; N], Refusal> {
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| Refusal::Unsupported("this many MSRs"))?;
+        let n = self
+            .vcpu
+            .get_msrs(&mut msrs)
+            .map_err(|e| Refusal::Vcpu("KVM_GET_MSRS", e))?;
+        if n != N {
+            return Err(Refusal::Unsupported("an MSR KVM does not report"));
+        }
+        let mut out = [0u64; N];
+        for (o, e) in out.iter_mut().zip(msrs.as_slice()) {
+            *o = e.data;
+        }
+        Ok(out)
     }
 
     /// The x87/SSE state (KVM_GET_FPU).

@@ -379,3 +379,54 @@ fn int3_gate_checks() {
     idt(&vm, 0xe, 3, 0, CODE32);
     assert_fault(&refused(&vm, &[0xcc]), Exception::Gp(CODE32));
 }
+
+fn set_syscall_msrs(vm: &TestVm) {
+    use kvm_bindings::{Msrs, kvm_msr_entry};
+    let e = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let msrs = Msrs::from_entries(&[
+        e(0xc000_0081, u64::from(CODE64) << 32 | 0x23 << 48),
+        e(0xc000_0082, HANDLER),
+        e(0xc000_0084, 0x47700), // Linux's mask: TF DF IF IOPL AC NT
+    ])
+    .unwrap();
+    assert_eq!(vm.vcpu.set_msrs(&msrs).unwrap(), 3);
+}
+
+#[test]
+fn clac_in_a_fault_from_the_syscall_entry_redoes_the_syscall() {
+    // #GP frame (with an error code) from the `swapgs` after ENDBR64 at the entry, at CPL 3.
+    let vm = long0(|r| {
+        (r.rsp, r.rcx, r.r11) = (0x7000, 0x40_1234, 0x246 | AC);
+        r.rflags = 0x2;
+    });
+    set_syscall_msrs(&vm);
+    let frame = [0, HANDLER + 4, 0x33, 0x246, 0x7fff_f000, 0x2b];
+    vm.frame(0x7000, 8, &frame);
+    let mut c = Completer::new();
+    let kind = c.complete(&vm.vcpu, &vm.mem, Some(&[0x0f, 0x01, 0xca]));
+    assert_eq!(kind.unwrap(), Kind::Syscall);
+    let (r, s) = vm.state();
+    assert_eq!((r.rip, r.rsp), (HANDLER, 0x7fff_f000));
+    // SYSCALL's RFLAGS: R11 with FMASK's bits (and RF) cleared.
+    assert_eq!(r.rflags, 0x46);
+    assert_eq!((r.rcx, r.r11), (0x40_1234, 0x246 | AC));
+    assert_eq!((s.cs.selector, s.cs.l, s.cs.dpl), (CODE64, 1, 0));
+    assert_eq!((s.ss.selector, s.ss.dpl, s.ss.type_), (CODE64 + 8, 0, 3));
+}
+
+#[test]
+fn clac_in_other_faults_is_a_plain_clac() {
+    let vm = long0(|r| {
+        r.rsp = 0x7000;
+        r.rflags = 0x2 | AC;
+    });
+    set_syscall_msrs(&vm);
+    // A user-mode page fault elsewhere.
+    vm.frame(0x7000, 8, &[4, 0x40_0000, 0x33, 0x246, 0x7fff_f000, 0x2b]);
+    let r = run(&vm, &[0x0f, 0x01, 0xca], Kind::Clac);
+    assert_eq!((r.rsp, r.rflags), (0x7000, 0x2));
+}
