@@ -20,10 +20,11 @@
 use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
+use vm_memory::iommu::{Error as IommuError, IotlbFails, IotlbIterator, IovaRange};
 use vm_memory::{
     ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
     GuestMemoryLoadGuard, GuestMemoryMmap, Iommu, IommuMemory, Iotlb, Permissions, VolatileSlice,
@@ -149,20 +150,114 @@ impl SgList {
     }
 }
 
+/// Why the IOMMU refused an access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The endpoint is attached to no domain and not in bypass mode.
+    Detached,
+    /// No mapping covers the address.
+    Unmapped,
+    /// A mapping covers it, but not for this access.
+    Permission,
+}
+
+/// A DMA access the IOMMU refused: reported to the guest as a fault event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaFault {
+    /// The endpoint (PCI requester id) whose access was refused.
+    pub endpoint: u32,
+    /// First refused address of the access.
+    pub addr: u64,
+    pub read: bool,
+    pub write: bool,
+    pub kind: FaultKind,
+}
+
+/// Where a translated [`DmaSpace`] reports refused accesses (the virtual IOMMU's event queue).
+/// Called from a device's queue processing with the device's lock held: it must not block on
+/// anything a device or the IOMMU may hold (record and wake, nothing more).
+pub trait FaultReporter: Send + Sync {
+    fn report(&self, fault: DmaFault);
+}
+
+/// The IOTLB and its counters, shared by every endpoint of a domain.
+#[derive(Debug, Default)]
+struct Tlb {
+    map: RwLock<Iotlb>,
+    lookups: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// Who an endpoint-specific [`DmaIommu`] reports faults as.
+#[derive(Clone)]
+struct FaultTarget {
+    endpoint: u32,
+    reporter: Arc<dyn FaultReporter>,
+    /// The endpoint is in no domain: every miss is [`FaultKind::Detached`].
+    detached: bool,
+}
+
+/// Translations looked up in an IOTLB and the ones refused (a refusal is a fault: mappings are
+/// filled eagerly, so a miss is never resolved later).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IotlbStats {
+    pub lookups: u64,
+    pub misses: u64,
+}
+
 /// The IOTLB of one IOMMU domain, shared by the devices attached to it.
 ///
 /// Filled eagerly when the guest maps (never on a miss, which would need the write lock while a
 /// reader holds the read lock: DESIGN.md, caveat 2), emptied when it unmaps. A device built
 /// before an unmap keeps its translation until it drops its snapshot: the VMM quiesces the
 /// endpoint's queues before it completes UNMAP/DETACH.
-#[derive(Clone, Debug, Default)]
+///
+/// [`DmaIommu::for_endpoint`] gives a handle on the same IOTLB that reports refused accesses as
+/// one endpoint's faults; the IOMMU device puts one such handle in each attached endpoint's
+/// [`DmaSpace`].
+#[derive(Clone, Default)]
 pub struct DmaIommu {
-    iotlb: Arc<RwLock<Iotlb>>,
+    tlb: Arc<Tlb>,
+    fault: Option<FaultTarget>,
+}
+
+impl fmt::Debug for DmaIommu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaIommu")
+            .field("endpoint", &self.fault.as_ref().map(|t| t.endpoint))
+            .field("stats", &self.stats())
+            .finish()
+    }
 }
 
 impl DmaIommu {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The same IOTLB, reporting refused accesses as `endpoint`'s faults.
+    pub fn for_endpoint(&self, endpoint: u32, reporter: Arc<dyn FaultReporter>) -> Self {
+        Self {
+            tlb: self.tlb.clone(),
+            fault: Some(FaultTarget {
+                endpoint,
+                reporter,
+                detached: false,
+            }),
+        }
+    }
+
+    /// No mapping at all, for an endpoint attached to no domain: every access is refused and
+    /// reported as [`FaultKind::Detached`].
+    pub fn detached(endpoint: u32, reporter: Arc<dyn FaultReporter>) -> Self {
+        Self {
+            tlb: Arc::default(),
+            fault: Some(FaultTarget {
+                endpoint,
+                reporter,
+                detached: true,
+            }),
+        }
     }
 
     /// Map `[iova, iova+len)` to guest physical `gpa` with `perm`, replacing older mappings
@@ -171,7 +266,11 @@ impl DmaIommu {
         let len_usize = range_len(iova, len)?;
         gpa.checked_add(len)
             .ok_or(DmaError::Overflow { addr: gpa, len })?;
-        let mut tlb = self.iotlb.write().unwrap_or_else(PoisonError::into_inner);
+        if len == 0 {
+            // The IOTLB's range map refuses (panics on) an empty range.
+            return Ok(());
+        }
+        let mut tlb = self.tlb.map.write().unwrap_or_else(PoisonError::into_inner);
         // set_mapping cannot fail today; its error type leaves room for that.
         tlb.set_mapping(GuestAddress(iova), GuestAddress(gpa), len_usize, perm)
             .map_err(|_| DmaError::Unreachable {
@@ -184,11 +283,48 @@ impl DmaIommu {
     /// Remove every mapping in `[iova, iova+len)`.
     pub fn unmap(&self, iova: u64, len: u64) -> Result<(), DmaError> {
         let len_usize = range_len(iova, len)?;
-        self.iotlb
+        if len == 0 {
+            return Ok(());
+        }
+        self.tlb
+            .map
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .invalidate_mapping(GuestAddress(iova), len_usize);
         Ok(())
+    }
+
+    /// Lookups and refusals since the IOTLB was made (all endpoints of the domain).
+    pub fn stats(&self) -> IotlbStats {
+        IotlbStats {
+            lookups: self.tlb.lookups.load(Ordering::Relaxed),
+            misses: self.tlb.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    fn report(&self, iova: u64, access: Permissions, fails: &IotlbFails) {
+        let Some(target) = &self.fault else {
+            return;
+        };
+        let (addr, kind) = match (fails.misses.first(), fails.access_fails.first()) {
+            (Some(m), _) => (
+                m.base.0,
+                if target.detached {
+                    FaultKind::Detached
+                } else {
+                    FaultKind::Unmapped
+                },
+            ),
+            (None, Some(f)) => (f.base.0, FaultKind::Permission),
+            (None, None) => (iova, FaultKind::Unmapped),
+        };
+        target.reporter.report(DmaFault {
+            endpoint: target.endpoint,
+            addr,
+            read: matches!(access, Permissions::Read | Permissions::ReadWrite),
+            write: matches!(access, Permissions::Write | Permissions::ReadWrite),
+            kind,
+        });
     }
 }
 
@@ -205,11 +341,31 @@ impl Iommu for DmaIommu {
             iova_range: IovaRange { base: iova, length },
             reason: reason.into(),
         };
+        self.tlb.lookups.fetch_add(1, Ordering::Relaxed);
         // The IOTLB adds `iova + length` unchecked: refuse a wrapping range before it does.
-        let len = u64::try_from(length).map_err(|_| fail("length"))?;
-        iova.0.checked_add(len).ok_or_else(|| fail("wraps"))?;
-        let tlb = self.iotlb.read().unwrap_or_else(PoisonError::into_inner);
-        Iotlb::lookup(tlb, iova, length, access).map_err(|_| fail("not mapped for this access"))
+        let wraps = u64::try_from(length)
+            .ok()
+            .and_then(|len| iova.0.checked_add(len))
+            .is_none();
+        if wraps {
+            self.tlb.misses.fetch_add(1, Ordering::Relaxed);
+            self.report(
+                iova.0,
+                access,
+                &IotlbFails {
+                    misses: vec![IovaRange { base: iova, length }],
+                    access_fails: Vec::new(),
+                },
+            );
+            return Err(fail("wraps"));
+        }
+        let tlb = self.tlb.map.read().unwrap_or_else(PoisonError::into_inner);
+        // On failure the read guard is gone before the report (the reporter may take locks).
+        Iotlb::lookup(tlb, iova, length, access).map_err(|fails| {
+            self.tlb.misses.fetch_add(1, Ordering::Relaxed);
+            self.report(iova.0, access, &fails);
+            fail("not mapped for this access")
+        })
     }
 }
 
@@ -258,6 +414,22 @@ impl DmaSpace {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .replace(mem);
+    }
+
+    /// Translate through `iommu` from now on, or with `None` go back to the identity (bypass),
+    /// over the same guest physical memory. Like [`DmaSpace::replace`], it does not reach an
+    /// access already in progress: the caller quiesces the device before relying on it.
+    pub fn set_translation(&self, iommu: Option<DmaIommu>) {
+        let guard = self.mem.lock().unwrap_or_else(PoisonError::into_inner);
+        // Under the handle's lock: no other replace can slip in between the read and the swap.
+        let phys = self.mem.memory().get_backend().clone();
+        let enabled = iommu.is_some();
+        guard.replace(IommuMemory::new(
+            phys,
+            iommu.unwrap_or_default(),
+            enabled,
+            (),
+        ));
     }
 
     /// Whether addresses are translated by an IOMMU (false: identity).

@@ -24,6 +24,7 @@
 pub mod block;
 pub mod console;
 pub mod dma;
+pub mod iommu;
 pub mod net;
 pub mod pci;
 pub mod queue;
