@@ -2,7 +2,9 @@
 //! of two buses and knows nothing else about devices.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 
 /// A device reachable on a bus. `offset` is relative to the start of the range it was inserted
 /// at; `data` is the access (1, 2, 4 or 8 bytes, guest-chosen: validate before trusting it).
@@ -21,13 +23,18 @@ pub enum BusError {
 
 type Entry = (u64, Arc<Mutex<dyn BusDevice>>);
 
+type Map = BTreeMap<u64, Entry>;
+
 /// Address ranges to devices. Unmapped reads return all-ones, unmapped writes are dropped, as on
 /// real hardware. Devices can be added, moved (a guest relocating a PCI BAR) and removed while
-/// vCPUs use the bus: the map sits behind a read-mostly lock that no device access holds.
+/// vCPUs use the bus: a change publishes a new map (read-copy-update), so an access takes no lock
+/// on the map and a device may change the bus from inside an access.
 #[derive(Default)]
 pub struct Bus {
     /// base -> (len, device)
-    ranges: RwLock<BTreeMap<u64, Entry>>,
+    ranges: ArcSwap<Map>,
+    /// Serialises changes; accesses never take it.
+    writer: Mutex<()>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -42,10 +49,17 @@ impl Bus {
         Self::default()
     }
 
-    fn map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Entry>> {
-        self.ranges
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn map(&self) -> arc_swap::Guard<Arc<Map>> {
+        self.ranges.load()
+    }
+
+    /// Apply `change` to a copy of the map and publish it if it succeeds.
+    fn update<T>(&self, change: impl FnOnce(&mut Map) -> T) -> T {
+        let _w = lock(&self.writer);
+        let mut map = Map::clone(&self.ranges.load());
+        let r = change(&mut map);
+        self.ranges.store(Arc::new(map));
+        r
     }
 
     pub fn insert(
@@ -58,64 +72,56 @@ impl Bus {
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::BadRange { base, len })?;
-        let mut ranges = self
-            .ranges
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // The previous range must end at or before `base`, the next must start at or after `end`.
-        let prev_overlaps = ranges
-            .range(..=base)
-            .next_back()
-            .is_some_and(|(b, (l, _))| b + l > base);
-        let next_overlaps = ranges.range(base..end).next().is_some();
-        if prev_overlaps || next_overlaps {
-            return Err(BusError::Overlap { base, len });
-        }
-        ranges.insert(base, (len, device));
-        Ok(())
+        self.update(|ranges| {
+            // The previous range must end at or before `base`, the next must start at or after `end`.
+            let prev_overlaps = ranges
+                .range(..=base)
+                .next_back()
+                .is_some_and(|(b, (l, _))| b + l > base);
+            let next_overlaps = ranges.range(base..end).next().is_some();
+            if prev_overlaps || next_overlaps {
+                return Err(BusError::Overlap { base, len });
+            }
+            ranges.insert(base, (len, device));
+            Ok(())
+        })
     }
 
     /// Remove the device whose range starts at `base`.
     pub fn remove(&self, base: u64) -> Option<Arc<Mutex<dyn BusDevice>>> {
-        self.ranges
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&base)
-            .map(|(_, d)| d)
+        self.update(|ranges| ranges.remove(&base).map(|(_, d)| d))
     }
 
-    /// The device at `addr` and the offset into it. The map lock is released before the device
-    /// runs, so a device access may itself change the bus.
-    fn resolve(&self, addr: u64) -> Option<(Arc<Mutex<dyn BusDevice>>, u64)> {
+    /// Run `access` on the device at `addr` with the offset into it. The map snapshot stays alive
+    /// for the access (so a device that removes itself is not freed under it) but locks nothing:
+    /// a device access may itself change the bus.
+    fn with_device<R>(
+        &self,
+        addr: u64,
+        access: impl FnOnce(&mut dyn BusDevice, u64) -> R,
+    ) -> Option<R> {
         let map = self.map();
+        // The last range starting at or below `addr`.
         let (base, (len, dev)) = map.range(..=addr).next_back()?;
         let offset = addr - base;
-        (offset < *len).then(|| (dev.clone(), offset))
+        (offset < *len).then(|| access(&mut *lock(dev), offset))
     }
 
     /// Read; returns false (and fills all-ones) when nothing is mapped at `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.resolve(addr) {
-            Some((dev, offset)) => {
-                lock(&dev).read(offset, data);
-                true
-            }
-            None => {
-                data.fill(0xff);
-                false
-            }
+        let found = self
+            .with_device(addr, |dev, offset| dev.read(offset, data))
+            .is_some();
+        if !found {
+            data.fill(0xff);
         }
+        found
     }
 
     /// Write; returns false when nothing is mapped at `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.resolve(addr) {
-            Some((dev, offset)) => {
-                lock(&dev).write(offset, data);
-                true
-            }
-            None => false,
-        }
+        self.with_device(addr, |dev, offset| dev.write(offset, data))
+            .is_some()
     }
 }
 
