@@ -79,8 +79,8 @@ pub fn serial(data: &[u8]) {
     }
 }
 
-/// CMOS RTC and NVRAM through the index and data ports. RAM registers (0x0e..0x7f) read back
-/// what was written; the clock registers are valid BCD or binary for the clock's time.
+/// CMOS RTC and NVRAM through the index and data ports. RAM registers (0x0e..0x7f but the
+/// century) read back what was written.
 pub fn cmos(data: &[u8]) {
     let mut input = Input::new(data);
     let secs = input.u64() % (200 * 365 * 86_400);
@@ -98,7 +98,8 @@ pub fn cmos(data: &[u8]) {
                 dev.write(0, &[index]);
                 dev.write(1, &[v]);
                 let reg = usize::from(index & 0x7f);
-                if reg >= 0x0e {
+                // RAM from 0x0e, but for the century register (0x32): a clock register.
+                if reg >= 0x0e && reg != 0x32 {
                     ram[reg] = Some(v);
                 }
                 assert_eq!(dev.nmi_masked(), index & 0x80 != 0);
