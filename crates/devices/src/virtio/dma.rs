@@ -23,10 +23,12 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
+use smallvec::SmallVec;
+
 use vm_memory::bitmap::Bitmap;
 use vm_memory::iommu::{Error as IommuError, IotlbFails, IotlbIterator, IovaRange};
 use vm_memory::{
-    ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+    ByteValued, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
     GuestMemoryLoadGuard, GuestMemoryMmap, Iommu, IommuMemory, Iotlb, Permissions, VolatileSlice,
 };
 
@@ -85,11 +87,14 @@ pub struct DmaRange {
     pub len: u64,
 }
 
+/// Ranges an [`SgList`] holds without allocating: most requests have one to three buffers.
+const SG_INLINE: usize = 4;
+
 /// A scatter-gather list: the buffers of one request, in order. Bytes are addressed as if the
-/// ranges were concatenated.
+/// ranges were concatenated. Short lists live inline (no allocation per request).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SgList {
-    ranges: Vec<DmaRange>,
+    ranges: SmallVec<[DmaRange; SG_INLINE]>,
     len: u64,
 }
 
@@ -449,6 +454,10 @@ impl DmaSpace {
 /// Most `iovec`s one `preadv`/`pwritev` takes (Linux `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 
+/// Host slices of guest memory kept inline: a range rarely spans more than a few memory
+/// regions or IOMMU mappings.
+type Slices<'a> = SmallVec<[VolatileSlice<'a, ()>; 8]>;
+
 /// One consistent view of a DMA space. Every accessor checks the whole range and the access
 /// direction before it touches memory.
 pub struct DmaSnapshot {
@@ -475,44 +484,82 @@ impl DmaSnapshot {
     }
 
     pub fn read_obj<T: ByteValued>(&self, addr: u64) -> Result<T, DmaError> {
-        self.check(addr, std::mem::size_of::<T>() as u64, Access::Read)?;
-        self.mem
-            .read_obj(GuestAddress(addr))
-            .map_err(|_| DmaError::Unreachable {
-                addr,
-                len: std::mem::size_of::<T>() as u64,
-                access: Access::Read,
-            })
+        let mut v = T::zeroed();
+        self.read(addr, v.as_mut_slice())?;
+        Ok(v)
     }
 
     pub fn write_obj<T: ByteValued>(&self, addr: u64, val: T) -> Result<(), DmaError> {
         self.write(addr, val.as_slice())
     }
 
-    /// Copy `buf.len()` bytes from the DMA space.
-    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        let len = buf.len() as u64;
-        self.check(addr, len, Access::Read)?;
-        self.mem
-            .read_slice(buf, GuestAddress(addr))
-            .map_err(|_| DmaError::Unreachable {
-                addr,
-                len,
-                access: Access::Read,
-            })
+    /// The host slices behind `[addr, addr+len)`, appended to `out`, checked for `access`
+    /// over the whole range in one pass of translation: an error means no slice was used.
+    fn range_slices<'a>(
+        &'a self,
+        addr: u64,
+        len: u64,
+        access: Access,
+        out: &mut Slices<'a>,
+    ) -> Result<(), DmaError> {
+        let n = range_len(addr, len)?;
+        let unreachable = || DmaError::Unreachable { addr, len, access };
+        let iter = self
+            .mem
+            .get_slices(GuestAddress(addr), n, access.permissions())
+            .map_err(|_| unreachable())?;
+        let mut got = 0usize;
+        for s in iter {
+            let s = s.map_err(|_| unreachable())?;
+            got += s.len();
+            out.push(s);
+        }
+        // get_slices ends early only with an error item; a short total is refused all the same.
+        if got != n {
+            return Err(unreachable());
+        }
+        Ok(())
     }
 
-    /// Copy `buf` into the DMA space.
-    pub fn write(&self, addr: u64, buf: &[u8]) -> Result<(), DmaError> {
-        let len = buf.len() as u64;
-        self.check(addr, len, Access::Write)?;
-        self.mem
-            .write_slice(buf, GuestAddress(addr))
-            .map_err(|_| DmaError::Unreachable {
+    /// A byte the device will write later (a request's status), checked for writing now.
+    pub fn byte(&self, addr: u64) -> Result<DmaByte<'_>, DmaError> {
+        let mut slices = Slices::new();
+        self.range_slices(addr, 1, Access::Write, &mut slices)?;
+        match slices.into_iter().next() {
+            Some(slice) => Ok(DmaByte { slice }),
+            // range_slices returned slices adding up to one byte.
+            None => Err(DmaError::Unreachable {
                 addr,
-                len,
+                len: 1,
                 access: Access::Write,
-            })
+            }),
+        }
+    }
+
+    /// Copy `buf.len()` bytes from the DMA space. The whole range is checked before any byte
+    /// moves.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let mut slices = Slices::new();
+        self.range_slices(addr, buf.len() as u64, Access::Read, &mut slices)?;
+        let mut done = 0usize;
+        for s in &slices {
+            // The slices add up to buf.len(): each copies all of itself.
+            done += s.copy_to(&mut buf[done..]);
+        }
+        Ok(())
+    }
+
+    /// Copy `buf` into the DMA space. The whole range is checked before any byte moves.
+    pub fn write(&self, addr: u64, buf: &[u8]) -> Result<(), DmaError> {
+        let mut slices = Slices::new();
+        self.range_slices(addr, buf.len() as u64, Access::Write, &mut slices)?;
+        let mut done = 0usize;
+        for s in &slices {
+            // The slices add up to buf.len(); copy_from marks the pages dirty.
+            s.copy_from(&buf[done..done + s.len()]);
+            done += s.len();
+        }
+        Ok(())
     }
 
     /// Gather up to `buf.len()` bytes from the start of `sg`; returns how many were copied.
@@ -548,28 +595,10 @@ impl DmaSnapshot {
     }
 
     /// The host memory behind `sg`, checked for `access`. Fails before any byte moves.
-    fn slices(&self, sg: &SgList, access: Access) -> Result<Vec<VolatileSlice<'_, ()>>, DmaError> {
-        let mut out = Vec::with_capacity(sg.ranges().len());
+    fn slices(&self, sg: &SgList, access: Access) -> Result<Slices<'_>, DmaError> {
+        let mut out = Slices::new();
         for r in sg.ranges() {
-            let n = range_len(r.addr, r.len)?;
-            let unreachable = || DmaError::Unreachable {
-                addr: r.addr,
-                len: r.len,
-                access,
-            };
-            let iter = self
-                .mem
-                .get_slices(GuestAddress(r.addr), n, access.permissions())
-                .map_err(|_| unreachable())?;
-            let mut got = 0usize;
-            for s in iter {
-                let s = s.map_err(|_| unreachable())?;
-                got += s.len();
-                out.push(s);
-            }
-            if got != n {
-                return Err(unreachable());
-            }
+            self.range_slices(r.addr, r.len, access, &mut out)?;
         }
         Ok(out)
     }
@@ -607,6 +636,18 @@ impl DmaSnapshot {
     }
 }
 
+/// One writable byte of a [`DmaSnapshot`], checked when it was taken: writing it cannot fail.
+pub struct DmaByte<'a> {
+    slice: VolatileSlice<'a, ()>,
+}
+
+impl DmaByte<'_> {
+    pub fn write(&self, v: u8) {
+        // A one-byte slice of guest memory: the copy writes exactly that byte.
+        self.slice.copy_from(&[v]);
+    }
+}
+
 /// `preadv` (`into_memory`) or `pwritev` over `slices`, resuming after short transfers.
 fn file_io(
     file: &File,
@@ -617,8 +658,8 @@ fn file_io(
 ) -> Result<(), DmaError> {
     // The guards keep each host mapping in place while the kernel uses the pointers (they matter
     // for Xen-style mappings; for mmap-backed memory the snapshot already does).
-    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
-    let mut iovs: Vec<libc::iovec> = guards
+    let guards: SmallVec<[_; 8]> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+    let mut iovs: SmallVec<[libc::iovec; 8]> = guards
         .iter()
         .map(|g| libc::iovec {
             iov_base: g.as_ptr().cast(),
@@ -643,15 +684,23 @@ fn file_io(
         let count = libc::c_int::try_from(batch.len()).unwrap_or(libc::c_int::MAX);
         let off =
             libc::off_t::try_from(offset).map_err(|_| DmaError::ShortIo { done, len: total })?;
-        let n = if into_memory {
+        let fd = file.as_raw_fd();
+        // One buffer (the common 4 KiB request): pread/pwrite, which spare the kernel copying
+        // and walking an iovec array.
+        let n = match (into_memory, batch) {
+            // SAFETY: the iovec points into guest memory that `slices` (borrowed from the
+            // snapshot, so mapped for its lifetime) checked as writable for its whole length;
+            // the kernel writes only there.
+            (true, [v]) => unsafe { libc::pread(fd, v.iov_base, v.iov_len, off) },
+            // SAFETY: as above, checked and mapped guest memory; pwrite only reads it.
+            (false, [v]) => unsafe { libc::pwrite(fd, v.iov_base, v.iov_len, off) },
             // SAFETY: every iovec points into guest memory that `slices` (borrowed from the
             // snapshot, so mapped for its lifetime) checked as writable for its whole length;
             // the kernel writes only there.
-            unsafe { libc::preadv(file.as_raw_fd(), batch.as_ptr(), count, off) }
-        } else {
+            (true, _) => unsafe { libc::preadv(fd, batch.as_ptr(), count, off) },
             // SAFETY: as above, the iovecs describe checked, mapped guest memory; pwritev only
             // reads it.
-            unsafe { libc::pwritev(file.as_raw_fd(), batch.as_ptr(), count, off) }
+            (false, _) => unsafe { libc::pwritev(fd, batch.as_ptr(), count, off) },
         };
         let n = match u64::try_from(n) {
             Ok(0) => return Err(DmaError::ShortIo { done, len: total }),
@@ -687,6 +736,7 @@ fn file_io(
 mod tests {
     use super::*;
     use std::io::{Read, Seek, SeekFrom, Write};
+    use vm_memory::Bytes;
 
     fn mem() -> PhysMemory {
         PhysMemory::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)])
@@ -794,6 +844,77 @@ mod tests {
         dma.replace(IommuMemory::new(phys, DmaIommu::new(), false, ()));
         assert!(!clone.is_translated());
         assert_eq!(clone.snapshot().read_obj::<u16>(0x2010).unwrap(), 0xabcd);
+    }
+
+    #[test]
+    fn copies_check_the_whole_range_before_a_byte_moves() {
+        let phys = mem();
+        let dma = DmaSpace::identity(phys.clone());
+        let s = dma.snapshot();
+        // Runs from the end of the first region into the hole: nothing is written or read.
+        phys.write_slice(&[0x11; 8], GuestAddress(0xfff8)).unwrap();
+        assert!(matches!(
+            s.write(0xfff8, &[0x22; 16]),
+            Err(DmaError::Unreachable { .. })
+        ));
+        let mut back = [0u8; 8];
+        phys.read_slice(&mut back, GuestAddress(0xfff8)).unwrap();
+        assert_eq!(back, [0x11; 8]);
+        let mut buf = [0x33u8; 16];
+        assert!(s.read(0xfff8, &mut buf).is_err());
+        assert_eq!(buf, [0x33; 16]);
+        assert!(s.read_obj::<u64>(0xfffc).is_err());
+        // Up to the last byte of a region works, in both directions.
+        s.write(0xfff8, &[0x44; 8]).unwrap();
+        s.read(0xfff8, &mut back).unwrap();
+        assert_eq!(back, [0x44; 8]);
+        // Empty copies are fine anywhere that does not wrap.
+        s.write(0x18000, &[]).unwrap();
+        // A status byte: checked when taken, then written.
+        let b = s.byte(0x2_ffff).unwrap();
+        b.write(0x5a);
+        assert_eq!(phys.read_obj::<u8>(GuestAddress(0x2_ffff)).unwrap(), 0x5a);
+        assert!(s.byte(0x3_0000).is_err());
+        assert!(s.byte(0x18000).is_err());
+        assert!(matches!(s.byte(u64::MAX), Err(DmaError::Overflow { .. })));
+    }
+
+    #[test]
+    fn translated_copies_and_status_bytes_respect_permissions() {
+        let phys = mem();
+        let iommu = DmaIommu::new();
+        iommu
+            .map(0x1000_0000, 0x2000, 0x1000, Permissions::Read)
+            .unwrap();
+        // Two IOVA pages that are contiguous but map to different regions.
+        iommu
+            .map(0x2000_0000, 0xf000, 0x1000, Permissions::ReadWrite)
+            .unwrap();
+        iommu
+            .map(0x2000_1000, 0x20000, 0x1000, Permissions::ReadWrite)
+            .unwrap();
+        let dma = DmaSpace::with_iommu(phys.clone(), iommu);
+        let s = dma.snapshot();
+        assert!(s.byte(0x1000_0010).is_err(), "read-only mapping");
+        s.byte(0x2000_0010).unwrap().write(9);
+        assert_eq!(phys.read_obj::<u8>(GuestAddress(0xf010)).unwrap(), 9);
+        // A copy across the two mappings lands in both regions.
+        s.write(0x2000_0ffc, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        assert_eq!(
+            phys.read_obj::<u32>(GuestAddress(0xfffc)).unwrap(),
+            0x0403_0201
+        );
+        assert_eq!(
+            phys.read_obj::<u32>(GuestAddress(0x20000)).unwrap(),
+            0x0807_0605
+        );
+        assert_eq!(
+            s.read_obj::<u64>(0x2000_0ffc).unwrap(),
+            0x0807_0605_0403_0201
+        );
+        // Past the second mapping: refused whole.
+        assert!(s.write(0x2000_1ffc, &[0; 8]).is_err());
+        assert_eq!(phys.read_obj::<u32>(GuestAddress(0x20ffc)).unwrap(), 0);
     }
 
     #[test]

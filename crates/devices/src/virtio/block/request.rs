@@ -14,7 +14,7 @@ use virtio_queue::DescriptorChain;
 
 use super::backend::{BackendError, BlockBackend, SECTOR_SIZE};
 use super::{MAX_DISCARD_SECTORS, MAX_DWZ_SEGMENTS, MAX_WRITE_ZEROES_SECTORS, SEG_MAX};
-use crate::virtio::dma::{Access, DmaMemory, DmaSnapshot, SgList};
+use crate::virtio::dma::{DmaMemory, DmaSnapshot, SgList};
 use crate::virtio::queue::parse_chain;
 
 /// Header: type (le32), reserved/ioprio (le32), sector (le64).
@@ -117,10 +117,14 @@ pub(super) fn handle_chain(
     else {
         return 0;
     };
-    if let Err(e) = dma.check(status_addr, 1, Access::Write) {
-        tracing::debug!(head, "virtio-blk: status byte: {e}");
-        return 0;
-    }
+    // Checked now, written after the request: one translation for both.
+    let status_byte = match dma.byte(status_addr) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(head, "virtio-blk: status byte: {e}");
+            return 0;
+        }
+    };
     let (status, written) = match execute(ctx, dma, readable, writable) {
         Ok(written) => (Status::Ok, written),
         Err(Failure(status, why)) => {
@@ -128,11 +132,7 @@ pub(super) fn handle_chain(
             (status, 0)
         }
     };
-    if let Err(e) = dma.write_obj(status_addr, status.byte()) {
-        // Checked above; only a concurrent IOMMU change could get here.
-        tracing::debug!(head, "virtio-blk: status byte: {e}");
-        return 0;
-    }
+    status_byte.write(status.byte());
     // written <= the writable length, which virtio-queue keeps under 4 GiB.
     u32::try_from(written + 1).unwrap_or(u32::MAX)
 }
