@@ -102,6 +102,8 @@ pub struct Overrides {
     pub rng: Option<RngConfig>,
     pub console: Option<ConsoleConfig>,
     pub vsock: Option<VsockConfig>,
+    /// `--iommu`: create the virtio-iommu.
+    pub iommu: Option<bool>,
 }
 
 impl VmConfig {
@@ -121,6 +123,7 @@ impl VmConfig {
             rng,
             console,
             vsock,
+            iommu,
         } = overrides;
         if let Some(kernel) = kernel {
             self.payload.kernel = kernel;
@@ -160,6 +163,9 @@ impl VmConfig {
         }
         if vsock.is_some() {
             self.vsock = vsock;
+        }
+        if let Some(iommu) = iommu {
+            self.iommu = iommu;
         }
     }
 }
@@ -292,15 +298,18 @@ socket = "/run/vm.vsock"
                 readonly: true,
                 direct: false,
                 serial: Some("d0".into()),
+                iommu: false,
             }],
             nets: vec![
                 NetConfig {
                     tap: "tap0".into(),
                     mac: Some(crate::MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])),
+                    iommu: false,
                 },
                 NetConfig {
                     tap: "tap1".into(),
                     mac: None,
+                    iommu: false,
                 },
             ],
             rng: Some(RngConfig::default()),
@@ -308,7 +317,9 @@ socket = "/run/vm.vsock"
             vsock: Some(VsockConfig {
                 cid: 42,
                 socket: "/run/vm.vsock".into(),
+                iommu: false,
             }),
+            iommu: false,
         }
     }
 
@@ -468,13 +479,17 @@ socket = "/run/vm.vsock"
             nets: Some(vec![]),
             rng: Some(RngConfig {
                 src: Some("/dev/urandom".into()),
+                iommu: false,
             }),
             console: Some(ConsoleConfig::Tty),
             vsock: Some(VsockConfig {
                 cid: 3,
                 socket: "/v".into(),
+                iommu: false,
             }),
+            iommu: Some(true),
         });
+        assert!(config.iommu);
         assert_eq!(config.payload.kernel, PathBuf::from("/k2"));
         assert_eq!(config.payload.initramfs, Some("/i2".into()));
         assert_eq!(config.payload.cmdline.as_deref(), Some("c2"));

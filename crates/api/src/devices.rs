@@ -1,9 +1,12 @@
 //! The virtio devices besides disks, with their flags (Cloud Hypervisor's spelling):
 //!
-//! - `--rng [src=PATH]`: virtio-rng.
+//! - `--rng [src=PATH][,iommu=on]`: virtio-rng.
 //! - `--console off|tty|file=PATH`: virtio-console (`hvc0` in a Linux guest).
-//! - `--net tap=NAME[,mac=MAC]`: virtio-net on a tap, repeatable.
-//! - `--vsock cid=N,socket=PATH`: virtio-vsock with its host side on a Unix socket.
+//! - `--net tap=NAME[,mac=MAC][,iommu=on]`: virtio-net on a tap, repeatable.
+//! - `--vsock cid=N,socket=PATH[,iommu=on]`: virtio-vsock with its host side on a Unix socket.
+//!
+//! `iommu=on` puts the device behind the virtio-iommu, which `--iommu` creates (without it the
+//! configuration is refused).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -11,7 +14,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::option::Number;
+use crate::option::{Number, Toggle};
 use crate::{InvalidConfig, OptionError, OptionList};
 
 /// Longest tap name (`IFNAMSIZ` less the NUL).
@@ -29,6 +32,9 @@ pub struct RngConfig {
     /// Read random bytes from this file (`/dev/urandom`, ...) instead of the host's `getrandom`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub src: Option<PathBuf>,
+    /// Behind the virtio-iommu.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub iommu: bool,
 }
 
 impl RngConfig {
@@ -40,7 +46,7 @@ impl RngConfig {
     }
 }
 
-/// `--rng` alone (an empty value) or `--rng src=PATH`.
+/// `--rng` alone (an empty value) or `--rng [src=PATH][,iommu=on]`.
 impl FromStr for RngConfig {
     type Err = OptionError;
 
@@ -48,9 +54,11 @@ impl FromStr for RngConfig {
         if s.is_empty() {
             return Ok(Self::default());
         }
-        let opts = OptionList::parse("--rng", s, &["src"])?;
-        let src: PathBuf = opts.required("src")?;
-        let rng = Self { src: Some(src) };
+        let opts = OptionList::parse("--rng", s, &["src", "iommu"])?;
+        let rng = Self {
+            src: opts.get("src")?,
+            iommu: opts.get::<Toggle>("iommu")?.unwrap_or_default().0,
+        };
         rng.validate().map_err(|e| opts.invalid("src", "", e))?;
         Ok(rng)
     }
@@ -177,6 +185,9 @@ pub struct NetConfig {
     /// The guest's MAC address; without one the guest driver makes one up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<MacAddr>,
+    /// Behind the virtio-iommu.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub iommu: bool,
 }
 
 impl NetConfig {
@@ -190,15 +201,16 @@ impl NetConfig {
     }
 }
 
-/// `--net tap=NAME[,mac=MAC]`.
+/// `--net tap=NAME[,mac=MAC][,iommu=on]`.
 impl FromStr for NetConfig {
     type Err = OptionError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let opts = OptionList::parse("--net", s, &["tap", "mac"])?;
+        let opts = OptionList::parse("--net", s, &["tap", "mac", "iommu"])?;
         let net = Self {
             tap: opts.required("tap")?,
             mac: opts.get("mac")?,
+            iommu: opts.get::<Toggle>("iommu")?.unwrap_or_default().0,
         };
         net.validate()
             .map_err(|e| opts.invalid("tap", &net.tap, e))?;
@@ -214,6 +226,9 @@ pub struct VsockConfig {
     pub cid: u64,
     /// Created by manifold (a stale socket is replaced) and removed when the VM ends.
     pub socket: PathBuf,
+    /// Behind the virtio-iommu.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub iommu: bool,
 }
 
 impl VsockConfig {
@@ -232,16 +247,17 @@ impl VsockConfig {
     }
 }
 
-/// `--vsock cid=N,socket=PATH`.
+/// `--vsock cid=N,socket=PATH[,iommu=on]`.
 impl FromStr for VsockConfig {
     type Err = OptionError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let opts = OptionList::parse("--vsock", s, &["cid", "socket"])?;
+        let opts = OptionList::parse("--vsock", s, &["cid", "socket", "iommu"])?;
         let Number(cid) = opts.required("cid")?;
         let vsock = Self {
             cid,
             socket: opts.required("socket")?,
+            iommu: opts.get::<Toggle>("iommu")?.unwrap_or_default().0,
         };
         vsock.validate().map_err(|e| match e {
             InvalidConfig::VsockCid(_) => opts.invalid("cid", &cid.to_string(), e),
@@ -265,13 +281,22 @@ mod tests {
         assert_eq!(
             "src=/dev/urandom".parse(),
             Ok(RngConfig {
-                src: Some("/dev/urandom".into())
+                src: Some("/dev/urandom".into()),
+                iommu: false,
             })
         );
+        assert_eq!(
+            "iommu=on".parse(),
+            Ok(RngConfig {
+                src: None,
+                iommu: true,
+            })
+        );
+        assert!(err::<RngConfig>("iommu=2").contains("Invalid iommu=2"));
         assert_eq!(err::<RngConfig>("src="), "--rng: Invalid src=: Empty path");
         assert_eq!(
             err::<RngConfig>("file=/x"),
-            "--rng: Unknown key `file` (expected src)"
+            "--rng: Unknown key `file` (expected src, iommu)"
         );
         assert_eq!(
             err::<RngConfig>("src"),
@@ -334,7 +359,8 @@ mod tests {
             "tap=tap0".parse(),
             Ok(NetConfig {
                 tap: "tap0".into(),
-                mac: None
+                mac: None,
+                iommu: false,
             })
         );
         let net: NetConfig = "mac=52:54:00:00:00:01,tap=vm-net".parse().unwrap();
@@ -361,7 +387,8 @@ mod tests {
             "cid=3,socket=/run/v.sock".parse(),
             Ok(VsockConfig {
                 cid: 3,
-                socket: "/run/v.sock".into()
+                socket: "/run/v.sock".into(),
+                iommu: false,
             })
         );
         assert_eq!(

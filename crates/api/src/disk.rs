@@ -1,4 +1,5 @@
-//! `--disk path=IMG[,readonly=on][,direct=on][,serial=ID]`: a virtio-blk disk on a raw image.
+//! `--disk path=IMG[,readonly=on][,direct=on][,serial=ID][,iommu=on]`: a virtio-blk disk on a raw
+//! image.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -26,6 +27,9 @@ pub struct DiskConfig {
     /// What the guest reads with GET_ID; by default derived from the image's inode.
     #[serde(default)]
     pub serial: Option<String>,
+    /// Behind the virtio-iommu (`--iommu`): every DMA is translated through the guest's mappings.
+    #[serde(default)]
+    pub iommu: bool,
 }
 
 impl DiskConfig {
@@ -46,7 +50,11 @@ impl FromStr for DiskConfig {
     type Err = OptionError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let opts = OptionList::parse("--disk", s, &["path", "readonly", "direct", "serial"])?;
+        let opts = OptionList::parse(
+            "--disk",
+            s,
+            &["path", "readonly", "direct", "serial", "iommu"],
+        )?;
         let path: PathBuf = opts.required("path")?;
         if path.as_os_str().is_empty() {
             return Err(opts.invalid("path", "", InvalidConfig::EmptyPath("disks.path")));
@@ -56,6 +64,7 @@ impl FromStr for DiskConfig {
             readonly: opts.get::<Toggle>("readonly")?.unwrap_or_default().0,
             direct: opts.get::<Toggle>("direct")?.unwrap_or_default().0,
             serial: opts.raw("serial")?.map(str::to_owned),
+            iommu: opts.get::<Toggle>("iommu")?.unwrap_or_default().0,
         };
         if let Some(serial) = &disk.serial {
             disk.validate()
@@ -87,6 +96,8 @@ mod tests {
         assert_eq!(d.serial.as_deref(), Some("disk-1"));
         let d: DiskConfig = "readonly=off,path=/x".parse().unwrap();
         assert!(!d.readonly);
+        let d: DiskConfig = "path=/x,iommu=on".parse().unwrap();
+        assert!(d.iommu);
     }
 
     #[test]
@@ -96,6 +107,7 @@ mod tests {
         assert_eq!(err("readonly=on"), "--disk: `path` is required (path=...)");
         assert!(err("path=/x,readonly=maybe").contains("Invalid readonly=maybe"));
         assert!(err("path=/x,ro=on").contains("Unknown key `ro`"));
+        assert!(err("path=/x,iommu=yes").contains("Invalid iommu=yes"));
         assert!(err("path=").contains("Invalid path="));
         assert!(err("path=/x,serial=123456789012345678901").contains("21 bytes"));
         assert!(err("path=/x,path=/y").contains("given twice"));

@@ -65,6 +65,9 @@ pub struct VmConfig {
     /// A virtio-vsock device, if present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-iommu in front of the devices that ask for it (`iommu=on`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub iommu: bool,
 }
 
 /// What the VM boots: a kernel (with an optional initramfs and command line), or a firmware
@@ -178,6 +181,8 @@ pub enum InvalidConfig {
     VsockCid(u64),
     #[error("A socket path is {0} bytes long; at most 107 fit")]
     SocketPathTooLong(usize),
+    #[error("iommu=on needs the virtio-iommu: add --iommu (or iommu = true)")]
+    NoIommu(&'static str),
 }
 
 impl InvalidConfig {
@@ -197,6 +202,7 @@ impl InvalidConfig {
             Self::TapName(_) => "nets.tap",
             Self::VsockCid(_) => "vsock.cid",
             Self::SocketPathTooLong(_) => "vsock.socket",
+            Self::NoIommu(field) => field,
         }
     }
 }
@@ -264,6 +270,19 @@ impl VmConfig {
         self.console.validate()?;
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        // Refused rather than creating the IOMMU implicitly: a device behind an IOMMU changes
+        // what the guest must do (map before DMA), so the user says so once.
+        if !self.iommu {
+            let behind = [
+                ("disks.iommu", self.disks.iter().any(|d| d.iommu)),
+                ("nets.iommu", self.nets.iter().any(|n| n.iommu)),
+                ("rng.iommu", self.rng.as_ref().is_some_and(|r| r.iommu)),
+                ("vsock.iommu", self.vsock.as_ref().is_some_and(|v| v.iommu)),
+            ];
+            if let Some((field, _)) = behind.iter().find(|(_, on)| *on) {
+                return Err(InvalidConfig::NoIommu(field));
+            }
         }
         Ok(())
     }

@@ -84,7 +84,10 @@ struct RunArgs {
     on_reboot: Option<String>,
     /// A virtio-blk disk on a raw image (repeatable). readonly=on: guest writes fail; direct=on:
     /// O_DIRECT; serial=ID: what the guest reads with GET_ID (at most 20 bytes).
-    #[arg(long, value_name = "path=IMG[,readonly=on][,direct=on][,serial=ID]")]
+    #[arg(
+        long,
+        value_name = "path=IMG[,readonly=on][,direct=on][,serial=ID][,iommu=on]"
+    )]
     disk: Vec<String>,
     /// A virtio-net device on a tap (repeatable): opened, or created if missing (needs
     /// CAP_NET_ADMIN); mac=: the guest's address.
@@ -101,6 +104,10 @@ struct RunArgs {
     /// connect to (then write `CONNECT <port>`).
     #[arg(long, value_name = "cid=N,socket=PATH")]
     vsock: Option<String>,
+    /// A virtio-iommu (and an ACPI VIOT) in front of the devices given iommu=on (--disk, --net,
+    /// --rng, --vsock); iommu=on without it is refused.
+    #[arg(long)]
+    iommu: bool,
     /// Config file: TOML, or JSON if its name ends in .json.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -264,6 +271,8 @@ fn resolve_config(args: &RunArgs) -> Result<VmConfig, InputError> {
         rng: args.rng.as_deref().map(str::parse).transpose()?,
         console: args.console.as_deref().map(str::parse).transpose()?,
         vsock: args.vsock.as_deref().map(str::parse).transpose()?,
+        // Only set when given, so a config file's `iommu = true` stands.
+        iommu: args.iommu.then_some(true),
     };
     let config = api::config::build(args.config.as_deref(), overrides)?;
     // Validation left exactly one of the two.

@@ -311,8 +311,11 @@ fn rng_and_console_bad_input() {
     run(
         "--rng",
         "file=/x",
-        "--rng: Unknown key `file` (expected src)",
+        "--rng: Unknown key `file` (expected src, iommu)",
     );
+    run("--rng", "iommu=maybe", "--rng: Invalid iommu=maybe");
+    // iommu=on without --iommu is refused, not an implicit IOMMU.
+    run("--rng", "iommu=on", "iommu=on needs the virtio-iommu");
     // Found when the backends are opened, still before any VM exists.
     run(
         "--rng",

@@ -5,7 +5,7 @@
 //!
 //! Layout in `layout::ACPI_START..layout::ACPI_END`: the RSDP first (at a 16-byte boundary of
 //! 0xE0000..0xFFFFF, where a guest without boot parameters scans for it), then DSDT, FADT, MADT,
-//! MCFG and the XSDT that lists the last three. Every address and port the tables describe comes
+//! MCFG, the VIOT when there is a virtio-iommu, and the XSDT that lists the tables after the DSDT. Every address and port the tables describe comes
 //! from `layout.rs`, the I/O APIC id from `mptable.rs`, so the MP table and the MADT agree.
 
 use acpi_tables::aml::{self, AddressSpace, AddressSpaceCacheable, EISAName, Name, Path};
@@ -20,6 +20,7 @@ use acpi_tables::{Aml, AmlSink};
 use devices::legacy::AcpiSleep;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::iommu::IommuTopology;
 use crate::layout;
 use crate::mptable;
 
@@ -335,9 +336,67 @@ fn mcfg() -> Vec<u8> {
     to_bytes(&mcfg)
 }
 
-/// Build every table for `num_cpus` vCPUs and `mem_size` bytes of RAM, placed from
-/// [`RSDP_ADDR`]; checked to fit below `layout::ACPI_END`.
-pub fn build(num_cpus: u8, mem_size: u64) -> Result<Vec<Table>, AcpiError> {
+/// VIOT node types (ACPI 6.5, 5.2.32; virtio 1.2 5.13.2 points there).
+const VIOT_PCI_RANGE: u8 = 1;
+const VIOT_VIRTIO_PCI: u8 = 3;
+/// Bytes of the VIOT header (after the SDT header: node count, node offset, 8 reserved).
+const VIOT_HEADER_LEN: u16 = 48;
+const VIOT_PCI_RANGE_LEN: u16 = 24;
+const VIOT_VIRTIO_PCI_LEN: u16 = 16;
+
+/// The VIOT: the virtio-iommu as a virtio-pci node, then one PCI range node per run of
+/// consecutive endpoint BDFs, each naming the IOMMU node as its output. The endpoint id the guest
+/// derives (`endpoint_start + bdf - bdf_start`) is the requester id, which is what the device
+/// model keys its endpoints by.
+fn viot(topology: &IommuTopology) -> Vec<u8> {
+    let mut ranges: Vec<(u16, u16)> = Vec::new();
+    for bdf in &topology.endpoints {
+        let raw = bdf.raw();
+        // The next function, or function 0 of the next slot: only functions that exist sit in
+        // between (the builder uses function 0 only), so a range names nothing else.
+        let next_slot = ranges.last().and_then(|(_, end)| (end | 7).checked_add(1));
+        match ranges.last_mut() {
+            Some((_, end)) if end.checked_add(1) == Some(raw) || next_slot == Some(raw) => {
+                *end = raw
+            }
+            _ => ranges.push((raw, raw)),
+        }
+    }
+    let mut viot = Sdt::new(*b"VIOT", 36, 0, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let mut body = Vec::new();
+    // Node count (fits: at most 256 functions on bus 0), offset of the first node, reserved.
+    body.extend_from_slice(&(ranges.len() as u16 + 1).to_le_bytes());
+    body.extend_from_slice(&VIOT_HEADER_LEN.to_le_bytes());
+    body.extend_from_slice(&[0; 8]);
+    let iommu_node = VIOT_HEADER_LEN;
+    body.extend_from_slice(&[VIOT_VIRTIO_PCI, 0]);
+    body.extend_from_slice(&VIOT_VIRTIO_PCI_LEN.to_le_bytes());
+    body.extend_from_slice(&PCI_SEGMENT.to_le_bytes());
+    body.extend_from_slice(&topology.iommu.raw().to_le_bytes());
+    body.extend_from_slice(&[0; 8]);
+    for (start, end) in ranges {
+        body.extend_from_slice(&[VIOT_PCI_RANGE, 0]);
+        body.extend_from_slice(&VIOT_PCI_RANGE_LEN.to_le_bytes());
+        // Endpoint id of the first function: segment << 16 | BDF.
+        body.extend_from_slice(&(u32::from(PCI_SEGMENT) << 16 | u32::from(start)).to_le_bytes());
+        body.extend_from_slice(&PCI_SEGMENT.to_le_bytes());
+        body.extend_from_slice(&PCI_SEGMENT.to_le_bytes());
+        body.extend_from_slice(&start.to_le_bytes());
+        body.extend_from_slice(&end.to_le_bytes());
+        body.extend_from_slice(&iommu_node.to_le_bytes());
+        body.extend_from_slice(&[0; 6]);
+    }
+    viot.append_slice(&body);
+    viot.as_slice().to_vec()
+}
+
+/// Build every table for `num_cpus` vCPUs and `mem_size` bytes of RAM (and the VIOT for
+/// `iommu`), placed from [`RSDP_ADDR`]; checked to fit below `layout::ACPI_END`.
+pub fn build(
+    num_cpus: u8,
+    mem_size: u64,
+    iommu: Option<&IommuTopology>,
+) -> Result<Vec<Table>, AcpiError> {
     // APIC ids are the vCPU indices and the I/O APIC takes the next one; 0xFF is broadcast.
     if num_cpus == 0 || num_cpus == 0xff {
         return Err(AcpiError::BadCpuCount(num_cpus));
@@ -353,6 +412,9 @@ pub fn build(num_cpus: u8, mem_size: u64) -> Result<Vec<Table>, AcpiError> {
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     for addr in [fadt_addr, madt_addr, mcfg_addr] {
         xsdt.add_entry(addr);
+    }
+    if let Some(topology) = iommu {
+        xsdt.add_entry(placer.place("VIOT", viot(topology)));
     }
     let xsdt_addr = placer.place("XSDT", to_bytes(&xsdt));
     let rsdp = Table {
@@ -371,8 +433,13 @@ pub fn build(num_cpus: u8, mem_size: u64) -> Result<Vec<Table>, AcpiError> {
 }
 
 /// Write the ACPI tables into guest memory. The area is reserved in the e820 map.
-pub fn setup(mem: &GuestMemoryMmap, num_cpus: u8, mem_size: u64) -> Result<(), AcpiError> {
-    for table in build(num_cpus, mem_size)? {
+pub fn setup(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    mem_size: u64,
+    iommu: Option<&IommuTopology>,
+) -> Result<(), AcpiError> {
+    for table in build(num_cpus, mem_size, iommu)? {
         mem.write_slice(&table.bytes, GuestAddress(table.addr))
             .map_err(AcpiError::Write)?;
     }

@@ -18,6 +18,7 @@ use event_manager::MutEventSubscriber;
 use crate::control::Control;
 use crate::cpu;
 use crate::interrupts::GsiRouting;
+use crate::iommu::IommuTopology;
 use crate::layout;
 use crate::serial_input::SerialInput;
 use crate::vcpu::Vcpu;
@@ -61,16 +62,15 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
     let pio = Bus::new();
     // A firmware starts at the reset vector, where KVM leaves a new vCPU, builds its own MP table
     // (ours would land on its code at 0xF0000) and places our ACPI tables itself (fw_cfg).
+    // The ACPI tables come after the PCI devices: the VIOT names their addresses.
     let payload = match &firmware {
         Some(image) => {
             firmware::install(&mut vm, image)?;
-            add_firmware_devices(&mem, config, image.len() as u64, &pio)?;
             None
         }
         None => {
             let payload = boot::load(&mem, mem_size, &config.payload)?;
             mptable::setup(&mem, ncpus)?;
-            acpi::setup(&mem, ncpus, mem_size)?;
             Some(payload)
         }
     };
@@ -91,11 +91,25 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
         routing: &routing,
         mem: &mem,
         bars: &mut bars,
+        iommu: None,
     };
+    // First, so that it exists when the devices behind it are added.
+    if config.iommu {
+        let (_, notifier, faults) = virtio.add_iommu()?;
+        subscribers.push(Arc::new(Mutex::new(notifier)));
+        subscribers.push(Arc::new(Mutex::new(faults)));
+    }
     for notifier in virtio.add_disks(&config.disks)? {
         subscribers.push(Arc::new(Mutex::new(notifier)));
     }
     subscribers.extend(virtio.add_devices(backends)?);
+    let iommu = virtio.iommu_topology();
+    match &firmware {
+        Some(image) => {
+            add_firmware_devices(&mem, config, image.len() as u64, &pio, iommu.as_ref())?
+        }
+        None => acpi::setup(&mem, ncpus, mem_size, iommu.as_ref())?,
+    }
     let base_cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(ncpus));
     for id in 0..ncpus {
@@ -148,10 +162,11 @@ fn add_firmware_devices(
     config: &api::VmConfig,
     image_len: u64,
     pio: &Bus,
+    iommu: Option<&IommuTopology>,
 ) -> Result<(), Error> {
     // fw_cfg DMA addresses are guest physical: no IOMMU sits in front of a platform device.
     let mut fw_cfg = firmware::fw_cfg(DmaSpace::identity(mem.clone()), config, image_len)?;
-    let tables = acpi::build(config.cpus.boot, config.memory.size)?;
+    let tables = acpi::build(config.cpus.boot, config.memory.size, iommu)?;
     let tables: Vec<_> = tables
         .iter()
         .map(|t| (t.name, t.addr, t.bytes.as_slice()))

@@ -13,6 +13,7 @@ pub mod event_loop;
 pub mod firmware;
 pub mod host;
 pub mod interrupts;
+pub mod iommu;
 pub mod ioevents;
 pub mod layout;
 pub mod mptable;

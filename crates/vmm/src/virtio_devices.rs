@@ -83,6 +83,15 @@ pub struct Backends {
     rng: Option<Box<dyn EntropySource>>,
     console: Option<ConsoleBackend>,
     vsock: Option<Vsock>,
+    behind: BehindIommu,
+}
+
+/// Which devices the user put behind the virtio-iommu (`iommu=on`).
+#[derive(Default)]
+struct BehindIommu {
+    nets: Vec<bool>,
+    rng: bool,
+    vsock: bool,
 }
 
 impl Backends {
@@ -104,11 +113,17 @@ impl Backends {
             .as_ref()
             .map(|v| Vsock::new(v.cid, &v.socket).map_err(DeviceError::Vsock))
             .transpose()?;
+        let behind = BehindIommu {
+            nets: config.nets.iter().map(|n| n.iommu).collect(),
+            rng: config.rng.as_ref().is_some_and(|r| r.iommu),
+            vsock: config.vsock.as_ref().is_some_and(|v| v.iommu),
+        };
         Ok(Self {
             nets,
             rng,
             console,
             vsock,
+            behind,
         })
     }
 }
@@ -177,11 +192,13 @@ impl VirtioPci<'_> {
         };
         let mut backend_subs: Vec<Subscriber> = Vec::new();
 
-        for (tap, mac) in backends.nets {
+        let behind = backends.behind;
+        for (index, (tap, mac)) in backends.nets.into_iter().enumerate() {
             let name = tap.name().to_owned();
             let net = Arc::new(Mutex::new(Net::new(tap, NetConfig { mac, mtu: None })));
             let device: Arc<Mutex<dyn VirtioDevice>> = net.clone();
-            let (bdf, notifier) = self.add(device)?;
+            let iommu = behind.nets.get(index).copied().unwrap_or(false);
+            let (bdf, notifier) = self.add_endpoint(device, iommu)?;
             tracing::debug!(%bdf, tap = %name, "virtio-net");
             push_notifier(notifier);
             let fd = lock(&net).backend_fd();
@@ -193,7 +210,7 @@ impl VirtioPci<'_> {
         if let Some(source) = backends.rng {
             let device: Arc<Mutex<dyn VirtioDevice>> =
                 Arc::new(Mutex::new(Rng::with_source(source)));
-            let (bdf, notifier) = self.add(device)?;
+            let (bdf, notifier) = self.add_endpoint(device, behind.rng)?;
             tracing::debug!(%bdf, "virtio-rng");
             push_notifier(notifier);
         }
@@ -238,7 +255,7 @@ impl VirtioPci<'_> {
             let fd = vsock.backend_fd();
             let vsock = Arc::new(Mutex::new(vsock));
             let device: Arc<Mutex<dyn VirtioDevice>> = vsock.clone();
-            let (bdf, notifier) = self.add(device)?;
+            let (bdf, notifier) = self.add_endpoint(device, behind.vsock)?;
             tracing::debug!(%bdf, cid, "virtio-vsock");
             push_notifier(notifier);
             backend_subs.push(BackendWatcher::subscriber(fd, false, move || {
@@ -360,6 +377,7 @@ mod tests {
         let err = open(api::VmConfig {
             rng: Some(api::RngConfig {
                 src: Some("/nonexistent/random".into()),
+                iommu: false,
             }),
             ..Default::default()
         })
@@ -379,6 +397,7 @@ mod tests {
             vsock: Some(api::VsockConfig {
                 cid: 3,
                 socket: "/nonexistent/v.sock".into(),
+                iommu: false,
             }),
             ..Default::default()
         })
@@ -392,6 +411,7 @@ mod tests {
             let nets = vec![api::NetConfig {
                 tap: tap.into(),
                 mac: None,
+                iommu: false,
             }];
             let err = open(api::VmConfig {
                 nets,
@@ -432,6 +452,7 @@ mod tests {
         let b = open(api::VmConfig {
             rng: Some(api::RngConfig {
                 src: Some("/dev/urandom".into()),
+                iommu: false,
             }),
             ..Default::default()
         })
@@ -443,6 +464,7 @@ mod tests {
         let err = open(api::VmConfig {
             rng: Some(api::RngConfig {
                 src: Some("/".into()),
+                iommu: false,
             }),
             ..Default::default()
         })

@@ -47,6 +47,12 @@ pub enum VirtioPciWiringError {
     Transport(#[from] VirtioPciError),
     #[error("Cannot put the function on the PCI root")]
     Pci(#[from] PciError),
+    #[error("Cannot set up the virtio-iommu")]
+    Iommu(#[source] devices::virtio::iommu::IommuError),
+    #[error("Cannot create the virtio-iommu fault eventfd")]
+    FaultEvent(#[source] std::io::Error),
+    #[error("A device asks for the IOMMU but there is none")]
+    NoIommu,
 }
 
 impl VirtioPciWiringError {
@@ -107,6 +113,8 @@ pub struct VirtioPci<'a> {
     pub routing: &'a Arc<GsiRouting>,
     pub mem: &'a GuestMemoryMmap,
     pub bars: &'a mut BarAllocator,
+    /// The virtio-iommu and its address, once [`Self::add_iommu`] created it.
+    pub iommu: Option<(Bdf, Arc<Mutex<devices::virtio::iommu::VirtioIommu>>)>,
 }
 
 impl VirtioPci<'_> {
@@ -177,7 +185,7 @@ impl VirtioPci<'_> {
             let backend = BlockBackend::open(&disk.path, &opts)
                 .map_err(|source| VirtioPciWiringError::Disk { index, source })?;
             let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Block::new(backend)));
-            let (bdf, notifier) = self.add(device)?;
+            let (bdf, notifier) = self.add_endpoint(device, disk.iommu)?;
             tracing::debug!(%bdf, path = %disk.path.display(), "virtio-blk");
             notifiers.push(notifier);
         }
