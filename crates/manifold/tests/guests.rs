@@ -1347,3 +1347,45 @@ fn acpi_poweroff_pvh_rsdp_from_start_info() {
 fn acpi_poweroff_elf64_rsdp_from_zero_page() {
     acpi_poweroff("acpi-off64.elf", 1);
 }
+
+/// `--iommu` with both disks behind it: a guest without an IOMMU driver still reaches them (the
+/// virtio-iommu's `bypass` bit is set at reset, so unattached endpoints are identity-mapped),
+/// the IOMMU takes a PCI function of its own and each disk is registered as an endpoint.
+#[test]
+fn virtio_blk_behind_the_iommu_in_bypass() {
+    const SECTOR: u64 = 5;
+    let rw = TempFile::new("iommu-rw.img", &vec![0u8; 1 << 20]);
+    let ro = TempFile::new("iommu-ro.img", &vec![0xa5u8; 1 << 20]);
+    let out = run(&[
+        "run",
+        "--kernel",
+        &path("blk-pvh.elf"),
+        "--cmdline",
+        "blk-serial-0",
+        "--memory",
+        "size=64M",
+        "--iommu",
+        "--disk",
+        &format!("path={},serial=blk-serial-0,iommu=on", rw.path()),
+        "--disk",
+        &format!("path={},readonly=on,iommu=on", ro.path()),
+        "--log-level",
+        "debug",
+    ]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    for line in ["virtio-blk functions: 2", "compare: ok", "blk passed"] {
+        assert!(out.stdout.contains(line), "missing `{line}`: {out:?}");
+    }
+    assert!(out.stderr.contains("virtio-iommu"), "{out:?}");
+    assert_eq!(
+        out.stderr.matches("behind the virtio-iommu").count(),
+        2,
+        "{out:?}"
+    );
+    let image = std::fs::read(rw.path()).expect("read image");
+    let at = (SECTOR * 512) as usize;
+    let expect: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
+    assert_eq!(&image[at..at + 512], &expect[..]);
+    let untouched = std::fs::read(ro.path()).expect("read image");
+    assert!(untouched.iter().all(|&b| b == 0xa5));
+}
