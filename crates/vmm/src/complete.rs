@@ -29,7 +29,9 @@ mod popcnt;
 mod rdrand;
 mod shift;
 mod state;
+mod swapgs;
 mod syscall;
+mod sysret;
 #[cfg(test)]
 mod tests;
 
@@ -67,10 +69,12 @@ pub enum Kind {
     Cmpxchg16b,
     /// A user-mode SYSCALL redone when the entry's CLAC shows it stayed in user mode.
     Syscall,
+    Swapgs,
+    Sysret,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Iret,
         Kind::Clac,
         Kind::Stac,
@@ -84,6 +88,8 @@ impl Kind {
         Kind::Rdseed,
         Kind::Cmpxchg16b,
         Kind::Syscall,
+        Kind::Swapgs,
+        Kind::Sysret,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,6 +107,8 @@ impl Kind {
             Kind::Rdseed => "rdseed",
             Kind::Cmpxchg16b => "cmpxchg16b",
             Kind::Syscall => "syscall fix-up",
+            Kind::Swapgs => "swapgs",
+            Kind::Sysret => "sysret",
         }
     }
 }
@@ -173,6 +181,8 @@ pub enum CompleteError {
     Refused { insn: String, why: Refusal },
     #[error("Cannot write guest memory at {0:#x}")]
     Write(u64),
+    #[error("KVM refused an MSR write")]
+    Msrs,
 }
 
 impl CompleteError {
@@ -261,6 +271,8 @@ fn dispatch(insn: &Instruction, state: &mut State<'_>) -> Option<Result<Kind, Re
         Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => {
             popcnt::complete(insn, state).map(|()| Kind::Popcnt)
         }
+        Code::Swapgs => swapgs::complete(insn, state).map(|()| Kind::Swapgs),
+        Code::Sysretd | Code::Sysretq => sysret::complete(insn, state).map(|()| Kind::Sysret),
         Code::Wait => fwait::complete(insn, state).map(|()| Kind::Fwait),
         Code::Int3 => int3::complete(insn, state).map(|()| Kind::Int3),
         Code::Rdrand_r16 | Code::Rdrand_r32 | Code::Rdrand_r64 => {

@@ -122,6 +122,8 @@ pub(super) struct State<'a> {
     /// The segment registers as read, so that commit skips `KVM_SET_SREGS` when nothing changed.
     sregs_before: kvm_sregs,
     writes: Vec<PendingWrite>,
+    /// MSR writes held back until commit.
+    msr_writes: Vec<(u32, u64)>,
     /// The instruction ends NMI blocking (IRET does).
     pub unblock_nmi: bool,
 }
@@ -141,6 +143,7 @@ impl<'a> State<'a> {
             sregs,
             sregs_before: sregs,
             writes: Vec::new(),
+            msr_writes: Vec::new(),
             unblock_nmi: false,
         })
     }
@@ -317,6 +320,11 @@ impl<'a> State<'a> {
         Ok(out)
     }
 
+    /// Queue a write of an MSR, done at commit.
+    pub fn set_msr(&mut self, index: u32, data: u64) {
+        self.msr_writes.push((index, data));
+    }
+
     /// The x87/SSE state (KVM_GET_FPU).
     pub fn fpu(&self) -> Result<kvm_fpu, Refusal> {
         self.vcpu
@@ -438,6 +446,25 @@ impl<'a> State<'a> {
             self.mem
                 .write_slice(&w.bytes, w.gpa)
                 .map_err(|_| CompleteError::Write(w.gpa.0))?;
+        }
+        if !self.msr_writes.is_empty() {
+            let entries: Vec<kvm_msr_entry> = self
+                .msr_writes
+                .iter()
+                .map(|&(index, data)| kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                })
+                .collect();
+            let msrs = Msrs::from_entries(&entries).map_err(|_| CompleteError::Msrs)?;
+            let n = self
+                .vcpu
+                .set_msrs(&msrs)
+                .map_err(|e| CompleteError::Vcpu("KVM_SET_MSRS", e))?;
+            if n != entries.len() {
+                return Err(CompleteError::Msrs);
+            }
         }
         self.vcpu
             .set_regs(&self.regs)

@@ -430,3 +430,44 @@ fn clac_in_other_faults_is_a_plain_clac() {
     let r = run(&vm, &[0x0f, 0x01, 0xca], Kind::Clac);
     assert_eq!((r.rsp, r.rflags), (0x7000, 0x2));
 }
+
+#[test]
+fn swapgs_exchanges_gs_base_with_kernel_gs_base() {
+    use kvm_bindings::{Msrs, kvm_msr_entry};
+    let vm = long0(|_| {});
+    let mut s = vm.vcpu.get_sregs().unwrap();
+    s.gs.base = 0x1111_0000;
+    vm.vcpu.set_sregs(&s).unwrap();
+    let kgs = |data| kvm_msr_entry {
+        index: 0xc000_0102,
+        data,
+        ..Default::default()
+    };
+    vm.vcpu
+        .set_msrs(&Msrs::from_entries(&[kgs(0xffff_8880_0000_0000)]).unwrap())
+        .unwrap();
+    run(&vm, &[0x0f, 0x01, 0xf8], Kind::Swapgs);
+    assert_eq!(vm.vcpu.get_sregs().unwrap().gs.base, 0xffff_8880_0000_0000);
+    let mut m = Msrs::from_entries(&[kgs(0)]).unwrap();
+    vm.vcpu.get_msrs(&mut m).unwrap();
+    assert_eq!(m.as_slice()[0].data, 0x1111_0000);
+    // Not at CPL 3.
+    let vm = TestVm::new();
+    vm.long(3, 0x7000, 0x2);
+    assert_fault(&refused(&vm, &[0x0f, 0x01, 0xf8]), Exception::Gp(0));
+}
+
+#[test]
+fn sysretq_returns_to_ring3() {
+    let vm = long0(|r| (r.rcx, r.r11) = (0x40_1000, 0x246 | RF | TF));
+    set_syscall_msrs(&vm); // STAR[63:48] = 0x23: user CS 0x33, SS 0x2b
+    assert_eq!(vm.complete(&[0x48, 0x0f, 0x07]).unwrap(), Kind::Sysret);
+    let (r, s) = vm.state();
+    assert_eq!((r.rip, r.rflags), (0x40_1000, 0x346));
+    assert_eq!((s.cs.selector, s.cs.dpl, s.cs.l, s.cs.db), (0x33, 3, 1, 0));
+    assert_eq!((s.ss.selector, s.ss.dpl), (0x2b, 3));
+    // A non-canonical RCX: #GP(0).
+    let vm = long0(|r| r.rcx = 0x8000_0000_0000_0000);
+    set_syscall_msrs(&vm);
+    assert_fault(&refused(&vm, &[0x48, 0x0f, 0x07]), Exception::Gp(0));
+}
