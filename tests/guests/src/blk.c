@@ -116,6 +116,18 @@ int guest_main(struct boot_info *bi)
 	check(request(ro, T_OUT, 0, data, 512) == 1, "read-only write refused");
 	check(request(ro, T_IN, 0, back, 512) == 0, "read-only read");
 	print("interrupts: %u\n", virtio_irqs);
+
+	/* reads=N: N more one-sector reads, one kick each (for counting exits per request). */
+	const char *reads = cmdline_find(bi->cmdline, "reads");
+	if (reads) {
+		int ok = 0;
+		u64 nreads = parse_u64(reads, &ok);
+		u32 good = 0;
+		for (u64 i = 0; ok && i < nreads; i++)
+			good += request(rw, T_IN, PATTERN_SECTOR, back, 512) == 0;
+		print("reads: %u of %u\n", good, (u32)nreads);
+		check(good == nreads, "reads");
+	}
 	print("blk %s\n", failures ? "FAILED" : "passed");
 	return failures ? 1 : 0;
 }
