@@ -344,6 +344,7 @@ struct virtq {
 	struct vring_avail *avail;
 	struct vring_used *used;
 	struct vring_desc (*tables)[VIRTQ_INDIRECT_MAX]; /* one indirect table per head */
+	u64 iova_off;   /* added to every address the device is given (behind an IOMMU) */
 };
 
 struct virtio_dev {
@@ -354,6 +355,7 @@ struct virtio_dev {
 	struct msix msix;
 	u64 offered, features;
 	struct virtq q[VIRTIO_MAX_QUEUES];
+	u64 iova_off;   /* set after virtio_init: the queues' rings and buffers are at GPA + this */
 };
 
 /* One buffer of a chain; `write` = device-writable. */

@@ -201,13 +201,16 @@ int virtio_queue_init(struct virtio_dev *d, u16 index, u16 size, int irq)
 	q->notifies = 0;
 	q->event_idx = (d->features & VIRTIO_F_EVENT_IDX) != 0;
 	q->indirect = (d->features & VIRTIO_F_INDIRECT_DESC) != 0;
+	q->iova_off = d->iova_off;
+	u64 desc = (uptr)q->desc + q->iova_off, avail = (uptr)q->avail + q->iova_off;
+	u64 used = (uptr)q->used + q->iova_off;
 	mmio_write16(cc + C_QSIZE, size);
-	mmio_write32(cc + C_QDESC, (u32)(uptr)q->desc);
-	mmio_write32(cc + C_QDESC + 4, 0);
-	mmio_write32(cc + C_QDRIVER, (u32)(uptr)q->avail);
-	mmio_write32(cc + C_QDRIVER + 4, 0);
-	mmio_write32(cc + C_QDEVICE, (u32)(uptr)q->used);
-	mmio_write32(cc + C_QDEVICE + 4, 0);
+	mmio_write32(cc + C_QDESC, (u32)desc);
+	mmio_write32(cc + C_QDESC + 4, (u32)(desc >> 32));
+	mmio_write32(cc + C_QDRIVER, (u32)avail);
+	mmio_write32(cc + C_QDRIVER + 4, (u32)(avail >> 32));
+	mmio_write32(cc + C_QDEVICE, (u32)used);
+	mmio_write32(cc + C_QDEVICE + 4, (u32)(used >> 32));
 	q->vector = 0;
 	if (irq && !virtio_poll) {
 		if (index >= d->msix.size || next_vector >= VIRTIO_IRQ_BASE + VIRTIO_IRQ_MAX) {
@@ -244,10 +247,10 @@ static inline volatile u16 *avail_event(struct virtq *q)
 /* A full barrier: stores before it are visible before loads after it (x86 may reorder those). */
 static inline void mb(void) { __asm__ volatile("lock; orl $0, (%%esp)" : : : "memory", "cc"); }
 
-static void fill(struct vring_desc *dd, const struct vbuf *b, u32 n, u16 first_next)
+static void fill(struct vring_desc *dd, const struct vbuf *b, u32 n, u16 first_next, u64 off)
 {
 	for (u32 k = 0; k < n; k++) {
-		dd[k].addr = (u64)(uptr)b[k].addr;
+		dd[k].addr = (u64)(uptr)b[k].addr + off;
 		dd[k].len = b[k].len;
 		dd[k].flags = (u16)((b[k].write ? VRING_DESC_F_WRITE : 0) | (k + 1 < n ? VRING_DESC_F_NEXT : 0));
 		if (first_next)
@@ -263,8 +266,8 @@ int virtq_add(struct virtq *q, const struct vbuf *b, u32 n)
 	if (q->indirect && n > 1 && n <= VIRTQ_INDIRECT_MAX && q->num_free >= 1) {
 		/* One descriptor pointing at a table of its own (indexed by the head). */
 		struct vring_desc *t = q->tables[head];
-		fill(t, b, n, 1);
-		q->desc[head].addr = (u64)(uptr)t;
+		fill(t, b, n, 1, q->iova_off);
+		q->desc[head].addr = (u64)(uptr)t + q->iova_off;
 		q->desc[head].len = n * sizeof(struct vring_desc);
 		q->desc[head].flags = VRING_DESC_F_INDIRECT;
 		q->free_head = q->desc[head].next;
@@ -275,7 +278,7 @@ int virtq_add(struct virtq *q, const struct vbuf *b, u32 n)
 		u16 i = head;
 		for (u32 k = 0; k < n; k++) {
 			u16 next = q->desc[i].next;
-			fill(&q->desc[i], &b[k], 1, 0);
+			fill(&q->desc[i], &b[k], 1, 0, q->iova_off);
 			if (k + 1 < n)
 				q->desc[i].flags |= VRING_DESC_F_NEXT;
 			i = next;
