@@ -12,6 +12,7 @@ mod legacy;
 mod msix;
 mod pci_config;
 mod virtio_blk;
+mod virtio_iommu;
 mod virtio_net;
 mod virtio_pci;
 mod virtq;
@@ -20,6 +21,7 @@ pub use legacy::{cmos, fw_cfg, serial};
 pub use msix::msix_table;
 pub use pci_config::pci_config;
 pub use virtio_blk::virtio_blk;
+pub use virtio_iommu::virtio_iommu;
 pub use virtio_net::virtio_net;
 pub use virtio_pci::virtio_pci;
 
