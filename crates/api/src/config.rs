@@ -9,6 +9,8 @@
 //! serial = "tty"              # or "off", or { file = "/tmp/console.log" }
 //! console = "off"             # virtio-console (hvc0): "off", "tty" or { file = "PATH" }
 //! on_reboot = "exit"          # or "restart"
+//! iommu = true                # a virtio-iommu (--iommu); devices opt in with iommu = true
+//! console_iommu = true        # the virtio-console behind it (--console tty,iommu=on)
 //!
 //! [payload]
 //! kernel = "/boot/vmlinux"
@@ -24,7 +26,7 @@
 //!
 //! [[disks]]                   # repeatable: one virtio-blk device each
 //! path = "/var/disk.img"
-//! readonly = true             # direct = true, serial = "ID" also
+//! readonly = true             # direct = true, serial = "ID", iommu = true also
 //!
 //! [[nets]]                    # repeatable: one virtio-net device each
 //! tap = "tap0"
@@ -102,6 +104,8 @@ pub struct Overrides {
     pub rng: Option<RngConfig>,
     pub console: Option<ConsoleConfig>,
     pub vsock: Option<VsockConfig>,
+    /// `iommu=` of `--console`.
+    pub console_iommu: Option<bool>,
     /// `--iommu`: create the virtio-iommu.
     pub iommu: Option<bool>,
 }
@@ -123,6 +127,7 @@ impl VmConfig {
             rng,
             console,
             vsock,
+            console_iommu,
             iommu,
         } = overrides;
         if let Some(kernel) = kernel {
@@ -163,6 +168,9 @@ impl VmConfig {
         }
         if vsock.is_some() {
             self.vsock = vsock;
+        }
+        if let Some(console_iommu) = console_iommu {
+            self.console_iommu = console_iommu;
         }
         if let Some(iommu) = iommu {
             self.iommu = iommu;
@@ -319,6 +327,7 @@ socket = "/run/vm.vsock"
                 socket: "/run/vm.vsock".into(),
                 iommu: false,
             }),
+            console_iommu: false,
             iommu: false,
         }
     }
@@ -487,9 +496,10 @@ socket = "/run/vm.vsock"
                 socket: "/v".into(),
                 iommu: false,
             }),
+            console_iommu: Some(true),
             iommu: Some(true),
         });
-        assert!(config.iommu);
+        assert!(config.iommu && config.console_iommu);
         assert_eq!(config.payload.kernel, PathBuf::from("/k2"));
         assert_eq!(config.payload.initramfs, Some("/i2".into()));
         assert_eq!(config.payload.cmdline.as_deref(), Some("c2"));

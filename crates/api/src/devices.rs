@@ -1,7 +1,7 @@
 //! The virtio devices besides disks, with their flags (Cloud Hypervisor's spelling):
 //!
 //! - `--rng [src=PATH][,iommu=on]`: virtio-rng.
-//! - `--console off|tty|file=PATH`: virtio-console (`hvc0` in a Linux guest).
+//! - `--console off|tty|file=PATH[,iommu=on]`: virtio-console (`hvc0` in a Linux guest).
 //! - `--net tap=NAME[,mac=MAC][,iommu=on]`: virtio-net on a tap, repeatable.
 //! - `--vsock cid=N,socket=PATH[,iommu=on]`: virtio-vsock with its host side on a Unix socket.
 //!
@@ -97,31 +97,53 @@ impl FromStr for ConsoleConfig {
     type Err = OptionError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        const OPTION: &str = "--console";
-        let one_of = || OptionError::OneOf {
-            option: OPTION,
-            expected: "off, tty or file=PATH",
-            input: s.to_owned(),
-        };
-        let opts = OptionList::parse(OPTION, s, &["off", "tty", "file"]).map_err(|e| match e {
-            OptionError::UnknownKey { .. } => one_of(),
-            e => e,
-        })?;
-        if opts.len() != 1 {
+        parse_console(s, false).map(|(console, _)| console)
+    }
+}
+
+/// `--console off|tty|file=PATH` or `tty,iommu=on` / `file=PATH,iommu=on`: the console and
+/// whether it goes behind the virtio-iommu.
+pub fn parse_console_flag(s: &str) -> Result<(ConsoleConfig, bool), OptionError> {
+    parse_console(s, true)
+}
+
+fn parse_console(s: &str, with_iommu: bool) -> Result<(ConsoleConfig, bool), OptionError> {
+    const OPTION: &str = "--console";
+    let one_of = || OptionError::OneOf {
+        option: OPTION,
+        expected: "off, tty or file=PATH",
+        input: s.to_owned(),
+    };
+    let keys: &[&str] = if with_iommu {
+        &["off", "tty", "file", "iommu"]
+    } else {
+        &["off", "tty", "file"]
+    };
+    let opts = OptionList::parse(OPTION, s, keys).map_err(|e| match e {
+        OptionError::UnknownKey { .. } => one_of(),
+        e => e,
+    })?;
+    let iommu = opts.get::<Toggle>("iommu")?;
+    if opts.len() != 1 + usize::from(iommu.is_some()) {
+        return Err(one_of());
+    }
+    let iommu = iommu.unwrap_or_default().0;
+    let console = if opts.flag("off")? {
+        // No device to put behind anything.
+        if iommu {
             return Err(one_of());
         }
-        if opts.flag("off")? {
-            Ok(Self::Off)
-        } else if opts.flag("tty")? {
-            Ok(Self::Tty)
-        } else {
-            let console = Self::File(opts.required("file")?);
-            console
-                .validate()
-                .map_err(|e| opts.invalid("file", "", e))?;
-            Ok(console)
-        }
-    }
+        ConsoleConfig::Off
+    } else if opts.flag("tty")? {
+        ConsoleConfig::Tty
+    } else {
+        let console = ConsoleConfig::File(opts.required("file")?);
+        console
+            .validate()
+            .map_err(|e| opts.invalid("file", "", e))?;
+        console
+    };
+    Ok((console, iommu))
 }
 
 /// A unicast MAC address, written `52:54:00:12:34:56`.
@@ -302,6 +324,29 @@ mod tests {
             err::<RngConfig>("src"),
             "--rng: `src` needs a value (src=...)"
         );
+    }
+
+    #[test]
+    fn console_flag() {
+        assert_eq!(parse_console_flag("tty"), Ok((ConsoleConfig::Tty, false)));
+        assert_eq!(
+            parse_console_flag("tty,iommu=on"),
+            Ok((ConsoleConfig::Tty, true))
+        );
+        assert_eq!(
+            parse_console_flag("iommu=on,file=/x"),
+            Ok((ConsoleConfig::File("/x".into()), true))
+        );
+        for bad in [
+            "off,iommu=on",
+            "iommu=on",
+            "tty,iommu=maybe",
+            "tty,off,iommu=on",
+        ] {
+            assert!(parse_console_flag(bad).is_err(), "{bad}");
+        }
+        // The config-file form has its own key (console_iommu).
+        assert!("tty,iommu=on".parse::<ConsoleConfig>().is_err());
     }
 
     #[test]

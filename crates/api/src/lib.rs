@@ -65,6 +65,9 @@ pub struct VmConfig {
     /// A virtio-vsock device, if present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// The virtio-console is behind the virtio-iommu (`--console tty,iommu=on`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub console_iommu: bool,
     /// A virtio-iommu in front of the devices that ask for it (`iommu=on`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub iommu: bool,
@@ -279,6 +282,7 @@ impl VmConfig {
                 ("nets.iommu", self.nets.iter().any(|n| n.iommu)),
                 ("rng.iommu", self.rng.as_ref().is_some_and(|r| r.iommu)),
                 ("vsock.iommu", self.vsock.as_ref().is_some_and(|v| v.iommu)),
+                ("console_iommu", self.console_iommu),
             ];
             if let Some((field, _)) = behind.iter().find(|(_, on)| *on) {
                 return Err(InvalidConfig::NoIommu(field));

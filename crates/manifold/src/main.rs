@@ -97,15 +97,15 @@ struct RunArgs {
     #[arg(long, value_name = "src=PATH", num_args = 0..=1, default_missing_value = "")]
     rng: Option<String>,
     /// A virtio-console (hvc0): output to this terminal (and stdin to it instead of the serial
-    /// port), appended to a file, or no device [default: off]
-    #[arg(long, value_name = "off|tty|file=PATH")]
+    /// port), appended to a file, or no device; iommu=on: behind the virtio-iommu [default: off]
+    #[arg(long, value_name = "off|tty|file=PATH[,iommu=on]")]
     console: Option<String>,
     /// A virtio-vsock device: the guest's CID (3 or more) and the Unix socket host programs
     /// connect to (then write `CONNECT <port>`).
     #[arg(long, value_name = "cid=N,socket=PATH")]
     vsock: Option<String>,
     /// A virtio-iommu (and an ACPI VIOT) in front of the devices given iommu=on (--disk, --net,
-    /// --rng, --vsock); iommu=on without it is refused.
+    /// --rng, --console, --vsock); iommu=on without it is refused.
     #[arg(long)]
     iommu: bool,
     /// Config file: TOML, or JSON if its name ends in .json.
@@ -257,6 +257,12 @@ fn run(args: RunArgs) -> ExitCode {
 
 /// Config file, then flags, then the payload files.
 fn resolve_config(args: &RunArgs) -> Result<VmConfig, InputError> {
+    let console = args
+        .console
+        .as_deref()
+        .map(api::devices::parse_console_flag)
+        .transpose()?;
+    let console_iommu = console.as_ref().map(|(_, iommu)| *iommu);
     let overrides = Overrides {
         kernel: args.kernel.clone(),
         initramfs: args.initramfs.clone(),
@@ -269,8 +275,9 @@ fn resolve_config(args: &RunArgs) -> Result<VmConfig, InputError> {
         disks: parse_all(&args.disk)?,
         nets: parse_all(&args.net)?,
         rng: args.rng.as_deref().map(str::parse).transpose()?,
-        console: args.console.as_deref().map(str::parse).transpose()?,
+        console: console.map(|(c, _)| c),
         vsock: args.vsock.as_deref().map(str::parse).transpose()?,
+        console_iommu,
         // Only set when given, so a config file's `iommu = true` stands.
         iommu: args.iommu.then_some(true),
     };

@@ -316,6 +316,16 @@ fn rng_and_console_bad_input() {
     run("--rng", "iommu=maybe", "--rng: Invalid iommu=maybe");
     // iommu=on without --iommu is refused, not an implicit IOMMU.
     run("--rng", "iommu=on", "iommu=on needs the virtio-iommu");
+    run(
+        "--console",
+        "tty,iommu=on",
+        "iommu=on needs the virtio-iommu",
+    );
+    run(
+        "--console",
+        "off,iommu=on",
+        "--console: Expected one of off, tty or file=PATH, got `off,iommu=on`",
+    );
     // Found when the backends are opened, still before any VM exists.
     run(
         "--rng",

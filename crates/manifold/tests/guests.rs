@@ -1444,3 +1444,51 @@ fn virtio_iommu_translates_and_isolates() {
     let untouched = std::fs::read(b.path()).expect("read image B");
     assert!(untouched.iter().all(|&b| b == 0), "disk B was written");
 }
+
+/// Every kind of device with `iommu=on` (blk, rng, console, vsock) behind one `--iommu`: a guest
+/// without an IOMMU driver reaches them all through the bypass, and each is an endpoint.
+#[test]
+fn virtio_devices_side_by_side_behind_the_iommu() {
+    let mut image = b"multi-disk-0".to_vec();
+    image.resize(1 << 20, 0);
+    let disk = TempFile::new("multi-iommu.img", &image);
+    let console = TempFile::new("multi-iommu-console.out", b"");
+    let dir = TempDir::new("multi-iommu");
+    let out = run(&[
+        "run",
+        "--kernel",
+        &path("multi-pvh.elf"),
+        "--cmdline",
+        "multi-disk-0",
+        "--memory",
+        "size=64M",
+        "--iommu",
+        "--disk",
+        &format!("path={},iommu=on", disk.path()),
+        "--rng",
+        "iommu=on",
+        "--console",
+        &format!("file={},iommu=on", console.path()),
+        "--vsock",
+        &format!("cid=7,socket={},iommu=on", dir.join("vsock.sock")),
+        "--log-level",
+        "debug",
+    ]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    for line in [
+        "blk sector 0 read: ok",
+        "rng 16 bytes: ok",
+        "console line sent: ok",
+        "vsock cid 7",
+        "multi ok",
+    ] {
+        assert!(out.stdout.contains(line), "missing `{line}`: {out:?}");
+    }
+    assert_eq!(
+        out.stderr.matches("behind the virtio-iommu").count(),
+        4,
+        "{out:?}"
+    );
+    let written = std::fs::read_to_string(console.path()).expect("read console file");
+    assert_eq!(written, "multi hvc0\n");
+}

@@ -91,6 +91,7 @@ pub struct Backends {
 struct BehindIommu {
     nets: Vec<bool>,
     rng: bool,
+    console: bool,
     vsock: bool,
 }
 
@@ -116,6 +117,7 @@ impl Backends {
         let behind = BehindIommu {
             nets: config.nets.iter().map(|n| n.iommu).collect(),
             rng: config.rng.as_ref().is_some_and(|r| r.iommu),
+            console: config.console_iommu,
             vsock: config.vsock.as_ref().is_some_and(|v| v.iommu),
         };
         Ok(Self {
@@ -231,7 +233,7 @@ impl VirtioPci<'_> {
                 options,
             )));
             let device: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
-            let (bdf, notifier) = self.add(device)?;
+            let (bdf, notifier) = self.add_endpoint(device, behind.console)?;
             tracing::debug!(%bdf, "virtio-console");
             push_notifier(notifier);
             if console.size.is_some() {
