@@ -44,7 +44,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 pub use tap::{Tap, TapError};
 
-use super::dma::{Access, DmaMemory, DmaRange};
+use super::dma::{Access, DmaMemory, DmaRange, SgList};
 use super::features::bit;
 use super::queue::QueueError;
 use super::{ActivateError, DmaSnapshot, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
@@ -82,6 +82,12 @@ pub trait NetBackend: AsRawFd + Send {
     fn write_frame(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     /// Which `TUN_F_*` offloads frames read from the backend may leave to the guest.
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+    /// A file descriptor on which one `write`/`writev` sends one frame (a tap): the device then
+    /// transmits straight from guest memory, without copying. `None`: frames are gathered into
+    /// a buffer and go through [`NetBackend::write_frame`].
+    fn tx_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// What the device shows the guest.
@@ -351,8 +357,10 @@ fn offload_allowed(hdr: &[u8], acked: u64) -> bool {
     }
 }
 
-/// Gather one transmit chain (header and frame, device-readable only) into `buf` and write it
-/// to the backend. Returns the frame's length with its header.
+/// Send one transmit chain (header and frame, device-readable only) to the backend: straight
+/// from guest memory when the backend has a [`NetBackend::tx_fd`], else gathered into `buf`
+/// first. Every buffer is checked readable before the frame goes. Returns the frame's length
+/// with its header.
 fn transmit<B: NetBackend>(
     dma: &DmaSnapshot,
     chain: DescriptorChain<&DmaMemory>,
@@ -360,7 +368,7 @@ fn transmit<B: NetBackend>(
     backend: &mut B,
     neg: Negotiated,
 ) -> Result<usize, TxDrop> {
-    let mut len = 0usize;
+    let mut sg = SgList::new();
     let mut count = 0usize;
     let mut has_next = false;
     for desc in chain {
@@ -372,12 +380,10 @@ fn transmit<B: NetBackend>(
         if desc.is_write_only() {
             return Err(TxDrop::WrongDirection);
         }
-        let n = usize::try_from(desc.len()).map_err(|_| TxDrop::TooLong)?;
-        let dst = buf
-            .get_mut(len..len.saturating_add(n))
-            .ok_or(TxDrop::TooLong)?;
-        dma.read(desc.addr().0, dst).map_err(TxDrop::Dma)?;
-        len += n;
+        sg.push(desc.addr().0, u64::from(desc.len()));
+        if sg.len() > MAX_FRAME_LEN as u64 {
+            return Err(TxDrop::TooLong);
+        }
     }
     if count == 0 {
         return Err(TxDrop::Empty);
@@ -385,17 +391,31 @@ fn transmit<B: NetBackend>(
     if has_next {
         return Err(TxDrop::Truncated);
     }
+    // At most MAX_FRAME_LEN, checked above.
+    let len = usize::try_from(sg.len()).map_err(|_| TxDrop::TooLong)?;
     if len < VNET_HDR_LEN + ETH_HLEN {
         return Err(TxDrop::TooShort(len));
     }
-    if !offload_allowed(&buf[..VNET_HDR_LEN], neg.acked) {
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    dma.read_sg(&sg, &mut hdr).map_err(TxDrop::Dma)?;
+    if !offload_allowed(&hdr, neg.acked) {
         return Err(TxDrop::Offload {
-            flags: buf[0],
-            gso_type: buf[1],
+            flags: hdr[0],
+            gso_type: hdr[1],
         });
     }
+    if let Some(fd) = backend.tx_fd() {
+        return match dma.write_fd(fd, &sg) {
+            Ok(written) if written == len => Ok(len),
+            Ok(written) => Err(TxDrop::Short { written, len }),
+            Err(super::DmaError::Io(e)) => Err(TxDrop::Backend(e)),
+            Err(e) => Err(TxDrop::Dma(e)),
+        };
+    }
+    let frame = &mut buf[..len];
+    dma.read_sg(&sg, frame).map_err(TxDrop::Dma)?;
     loop {
-        match backend.write_frame(&[IoSlice::new(&buf[..len])]) {
+        match backend.write_frame(&[IoSlice::new(frame)]) {
             Ok(written) if written == len => return Ok(len),
             Ok(written) => return Err(TxDrop::Short { written, len }),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -165,6 +165,11 @@ impl NetBackend for Tap {
         io_result(unsafe { libc::writev(self.fd(), bufs.as_ptr().cast(), count) })
     }
 
+    fn tx_fd(&self) -> Option<RawFd> {
+        // A tap takes one frame per write(v).
+        Some(self.fd())
+    }
+
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         Tap::set_offload(self, flags).map_err(|e| match e {
             TapError::Ioctl { source, .. } => source,
