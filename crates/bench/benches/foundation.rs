@@ -31,6 +31,10 @@
 //!    process's own: heap, stacks, relocated data) and the rest, file pages (executable and
 //!    shared libraries, in the page cache and shared with every process that maps them); a
 //!    breakdown by mapping of the last 128 MiB run of each follows the table.
+//! 4. Memory overhead with devices (as root): the same with 128 MiB, manifold given a virtio-blk
+//!    disk (a 16 MiB image), a virtio-net NIC on a tap it creates in a network namespace that the
+//!    benchmark makes and removes (`ip netns`), virtio-rng and a virtio-console writing to a
+//!    file; the baseline has none. Without root this row is skipped with a message.
 //!
 //! The baseline, `raw-runner` (src/bin/raw-runner.rs), boots the same PVH guests with one memory
 //! slot, no irqchip and no threads, and answers the guest's port I/O inline in its `KVM_RUN`
@@ -96,10 +100,70 @@ struct Setup {
     idle_guest: PathBuf,
     rounds: usize,
     exits: u64,
+    /// Devices to give manifold (memory with devices).
+    devices: Option<Devices>,
+}
+
+/// What manifold gets for the memory-with-devices figure, and the namespace its tap lives in.
+struct Devices {
+    netns: String,
+    disk: PathBuf,
+    console: PathBuf,
+}
+
+impl Devices {
+    /// A network namespace and a disk image of the benchmark's own; None (with a message)
+    /// when that cannot be had (not root).
+    fn make() -> Option<Self> {
+        let id = std::process::id();
+        let d = Self {
+            netns: format!("manifold-bench-{id}"),
+            disk: std::env::temp_dir().join(format!("manifold-bench-{id}-disk.img")),
+            console: std::env::temp_dir().join(format!("manifold-bench-{id}-hvc0.log")),
+        };
+        let ns = Command::new("ip")
+            .args(["netns", "add", &d.netns])
+            .stderr(Stdio::null())
+            .status();
+        if !matches!(ns, Ok(s) if s.success()) {
+            println!("memory with devices: skipped (needs root and `ip` to make a namespace)");
+            return None;
+        }
+        let image = std::fs::File::create(&d.disk).and_then(|f| f.set_len(16 * MIB));
+        if let Err(e) = image {
+            println!(
+                "memory with devices: skipped (disk image {}: {e})",
+                d.disk.display()
+            );
+            return None;
+        }
+        Some(d)
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = std::fs::remove_file(&self.disk);
+        let _ = std::fs::remove_file(&self.console);
+    }
 }
 
 impl Setup {
     fn command(&self, vmm: Vmm, guest: &Path, mem: u64, cmdline: &str) -> Command {
+        self.command_with(vmm, guest, mem, cmdline, None)
+    }
+
+    fn command_with(
+        &self,
+        vmm: Vmm,
+        guest: &Path,
+        mem: u64,
+        cmdline: &str,
+        devices: Option<&Devices>,
+    ) -> Command {
         let mut cmd = match vmm {
             Vmm::Raw => {
                 let mut c = Command::new(&self.raw);
@@ -107,9 +171,25 @@ impl Setup {
                 c
             }
             Vmm::Manifold => {
-                let mut c = Command::new(&self.manifold);
-                c.arg("run")
-                    .arg("--kernel")
+                // `ip netns exec` execs manifold in the namespace: the pid stays manifold's.
+                let mut c = match devices {
+                    Some(d) => {
+                        let mut c = Command::new("ip");
+                        c.args(["netns", "exec", &d.netns]).arg(&self.manifold);
+                        c
+                    }
+                    None => Command::new(&self.manifold),
+                };
+                if let Some(d) = devices {
+                    c.arg("run")
+                        .arg("--disk")
+                        .arg(format!("path={}", d.disk.display()))
+                        .args(["--net", "tap=mbench0", "--rng", "--console"])
+                        .arg(format!("file={}", d.console.display()));
+                } else {
+                    c.arg("run");
+                }
+                c.arg("--kernel")
                     .arg(guest)
                     .arg("--cmdline")
                     .arg(cmdline)
@@ -159,13 +239,14 @@ fn run() -> Result<()> {
         }
     }
     let (pio_guest, idle_guest) = build_guests(&root)?;
-    let setup = Setup {
+    let mut setup = Setup {
         raw,
         manifold,
         pio_guest,
         idle_guest,
         rounds,
         exits,
+        devices: None,
     };
     println!("raw-runner: {}", setup.raw.display());
     println!("manifold:   {}", setup.manifold.display());
@@ -174,9 +255,14 @@ fn run() -> Result<()> {
     let pio = bench_pio(&setup)?;
     let mem128 = bench_memory(&setup, 128 * MIB)?;
     let mem2g = bench_memory(&setup, 2 * GIB)?;
+    setup.devices = Devices::make();
+    let mem_dev = match setup.devices {
+        Some(_) => Some(bench_memory(&setup, 128 * MIB)?),
+        None => None,
+    };
 
     println!();
-    print_table(&pio, &mem128, &mem2g);
+    print_table(&pio, &mem128, &mem2g, mem_dev.as_ref());
     println!();
     print_breakdown(&mem128, &setup);
     Ok(())
@@ -557,7 +643,7 @@ impl MemRun {
 }
 
 fn memory_once(setup: &Setup, vmm: Vmm, mem: u64) -> Result<MemRun> {
-    let cmd = setup.command(vmm, &setup.idle_guest, mem, "");
+    let cmd = setup.command_with(vmm, &setup.idle_guest, mem, "", setup.devices.as_ref());
     let mut run = Run::spawn(cmd, vmm, Duration::from_secs(60))?;
     let mut buf = [0u8; 256];
     while !run.text.windows(6).any(|w| w == b"ready\n") {
@@ -620,6 +706,8 @@ fn memory_once(setup: &Setup, vmm: Vmm, mem: u64) -> Result<MemRun> {
 
 struct MemResults {
     mem: u64,
+    /// Manifold had a disk, a NIC, rng and console.
+    devices: bool,
     overhead_mib: [Vec<f64>; 2],
     total_mib: [Vec<f64>; 2],
     anon_mib: [Vec<f64>; 2],
@@ -644,6 +732,7 @@ fn size_name(mem: u64) -> String {
 fn bench_memory(setup: &Setup, mem: u64) -> Result<MemResults> {
     let mut r = MemResults {
         mem,
+        devices: setup.devices.is_some(),
         overhead_mib: [Vec::new(), Vec::new()],
         total_mib: [Vec::new(), Vec::new()],
         anon_mib: [Vec::new(), Vec::new()],
@@ -652,8 +741,13 @@ fn bench_memory(setup: &Setup, mem: u64) -> Result<MemResults> {
     };
     for round in 0..setup.rounds {
         let mut line = format!(
-            "memory {} round {}/{}:",
+            "memory {}{} round {}/{}:",
             size_name(mem),
+            if setup.devices.is_some() {
+                " with devices"
+            } else {
+                ""
+            },
             round + 1,
             setup.rounds
         );
@@ -736,7 +830,10 @@ fn yes_no(b: bool) -> String {
 }
 
 fn memory_rows(m: &MemResults) -> [Row; 3] {
-    let name = size_name(m.mem);
+    let mut name = size_name(m.mem);
+    if m.devices {
+        name.push_str(" + disk, net, rng, console");
+    }
     let (r, f) = (stats(&m.overhead_mib[0]), stats(&m.overhead_mib[1]));
     let (ra, fa) = (stats(&m.anon_mib[0]), stats(&m.anon_mib[1]));
     let (rt, ft) = (stats(&m.total_mib[0]), stats(&m.total_mib[1]));
@@ -768,7 +865,12 @@ fn memory_rows(m: &MemResults) -> [Row; 3] {
     ]
 }
 
-fn print_table(pio: &PioResults, mem128: &MemResults, mem2g: &MemResults) {
+fn print_table(
+    pio: &PioResults,
+    mem128: &MemResults,
+    mem2g: &MemResults,
+    mem_dev: Option<&MemResults>,
+) {
     let mut rows = vec![
         Row {
             metric: "metric".into(),
@@ -795,6 +897,9 @@ fn print_table(pio: &PioResults, mem128: &MemResults, mem2g: &MemResults) {
     ];
     rows.extend(memory_rows(mem128));
     rows.extend(memory_rows(mem2g));
+    if let Some(m) = mem_dev {
+        rows.extend(memory_rows(m));
+    }
     let w = |f: fn(&Row) -> &String| rows.iter().map(|r| f(r).len()).max().unwrap_or(0);
     let widths = [
         w(|r| &r.metric),
