@@ -76,7 +76,7 @@ impl VirtioPci<'_> {
         // The IOMMU sets what is behind this handle as soon as it takes the endpoint, before
         // the guest can run.
         let dma = DmaSpace::identity(self.mem.clone());
-        let (bdf, notifier) = self.add_with_dma(device.clone(), dma.clone())?;
+        let (bdf, notifier) = self.add_function(device.clone(), dma.clone(), true)?;
         lock(&iommu).add_endpoint(u32::from(bdf.raw()), Endpoint::locked_by(dma, device))?;
         tracing::debug!(%bdf, "behind the virtio-iommu");
         Ok((bdf, notifier))

@@ -136,9 +136,23 @@ impl VirtioPci<'_> {
         device: Arc<Mutex<dyn VirtioDevice>>,
         dma: DmaSpace,
     ) -> Result<(Bdf, QueueNotifier), VirtioPciWiringError> {
+        self.add_function(device, dma, false)
+    }
+
+    /// Build the transport (requiring ACCESS_PLATFORM of the driver when `translated`) and put
+    /// it on bus 0.
+    pub(crate) fn add_function(
+        &mut self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        dma: DmaSpace,
+        translated: bool,
+    ) -> Result<(Bdf, QueueNotifier), VirtioPciWiringError> {
         let queues = lock(&device).queue_max_sizes().len();
         let msi = MsiVectors::new(self.routing, msix_vector_count(queues))?;
-        let transport = VirtioPciDevice::new(device.clone(), dma, Arc::new(msi))?;
+        let mut transport = VirtioPciDevice::new(device.clone(), dma, Arc::new(msi))?;
+        if translated {
+            transport.require_access_platform();
+        }
         let notifier = QueueNotifier {
             device,
             events: transport.notify_events(),

@@ -64,6 +64,9 @@ pub(super) struct CommonConfig {
     queue_select: u16,
     /// The driver's queue registers, handed to the device (cloned) at DRIVER_OK.
     queues: Vec<Queue>,
+    /// Behind an IOMMU: FEATURES_OK needs ACCESS_PLATFORM, or the driver would hand out guest
+    /// physical addresses that the device translates as IOVAs.
+    pub require_access_platform: bool,
 }
 
 impl CommonConfig {
@@ -75,6 +78,7 @@ impl CommonConfig {
             status: 0,
             queue_select: 0,
             queues: fresh_queues(max_sizes),
+            require_access_platform: false,
         }
     }
 
@@ -288,6 +292,12 @@ impl CommonConfig {
         }
         if self.driver_features & features::VERSION_1 == 0 {
             tracing::info!("virtio-pci: FEATURES_OK refused: no VIRTIO_F_VERSION_1");
+            return false;
+        }
+        if self.require_access_platform && self.driver_features & features::ACCESS_PLATFORM == 0 {
+            tracing::info!(
+                "virtio-pci: FEATURES_OK refused: behind the IOMMU without VIRTIO_F_ACCESS_PLATFORM"
+            );
             return false;
         }
         dev.ack_features(self.driver_features);

@@ -300,6 +300,12 @@ impl VirtioPciDevice {
         self.device.clone()
     }
 
+    /// The device is behind an IOMMU: a driver must accept ACCESS_PLATFORM (which every device
+    /// offers) for FEATURES_OK to hold.
+    pub fn require_access_platform(&mut self) {
+        self.common.require_access_platform = true;
+    }
+
     /// Queue index and eventfd of every queue's notification register: the VMM watches each
     /// and calls [`VirtioDevice::process_queue`] when it fires. The PCI root registers them
     /// with KVM wherever BAR 0 is mapped ([`PciDevice::ioevents`]).

@@ -703,3 +703,20 @@ fn random_accesses_never_panic() {
         }
     }
 }
+
+#[test]
+fn behind_an_iommu_features_ok_needs_access_platform() {
+    let mem = test_memory();
+    let mut r = rig(&BlockOptions::default(), &mem);
+    r.pci.require_access_platform();
+    let offered = r.features();
+    assert_ne!(offered & features::ACCESS_PLATFORM, 0);
+    r.set_status(status::ACKNOWLEDGE | status::DRIVER);
+    // A driver that would hand out guest physical addresses is refused.
+    r.set_driver_features(features::VERSION_1);
+    r.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    assert_eq!(r.status() & status::FEATURES_OK, 0);
+    r.set_driver_features(features::VERSION_1 | features::ACCESS_PLATFORM);
+    r.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    assert_ne!(r.status() & status::FEATURES_OK, 0);
+}
