@@ -11,6 +11,7 @@
 mod legacy;
 mod msix;
 mod pci_config;
+mod sriov;
 mod virtio_blk;
 mod virtio_iommu;
 mod virtio_net;
@@ -20,6 +21,7 @@ mod virtq;
 pub use legacy::{cmos, fw_cfg, serial};
 pub use msix::msix_table;
 pub use pci_config::pci_config;
+pub use sriov::sriov;
 pub use virtio_blk::virtio_blk;
 pub use virtio_iommu::virtio_iommu;
 pub use virtio_net::virtio_net;

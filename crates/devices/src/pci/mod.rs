@@ -15,12 +15,14 @@ mod config;
 mod device;
 pub mod msix;
 mod root;
+pub mod sriov;
 
 pub use capability::{Capability, PciExpressPort, cap_id, ext_cap_id};
 pub use config::{CONFIG_SPACE_SIZE, ConfigSpace, HeaderType, PciIds, touches};
 pub use device::{Datamatch, IoEvent, IoEventRegistry, PciDevice, PciDeviceExt, RecordingIoEvents};
 pub use msix::{BarLocation, MsiInterrupts, MsiMessage, Msix, MsixHandle};
 pub use root::{HostBridge, PciConfigIo, PciEcam, PciRoot};
+pub use sriov::{SriovCap, SriovError, SriovParams, VfBar, VfBarChange, VfEnableChange};
 
 /// A function's address: bus, device (0..32), function (0..8).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -129,11 +131,15 @@ pub struct BarChange {
 #[must_use = "BAR changes must reach the bus"]
 pub struct ConfigEffects {
     pub bar_changes: Vec<BarChange>,
+    /// SR-IOV VF Enable flipped: create or remove the PF's VFs.
+    pub vf_enable: Option<VfEnableChange>,
+    /// SR-IOV VF BAR apertures whose decoding changed (VF MSE, VF Enable or a VF BAR moved).
+    pub vf_bar_changes: Vec<VfBarChange>,
 }
 
 impl ConfigEffects {
     pub fn is_empty(&self) -> bool {
-        self.bar_changes.is_empty()
+        self.bar_changes.is_empty() && self.vf_enable.is_none() && self.vf_bar_changes.is_empty()
     }
 }
 
