@@ -107,20 +107,36 @@ pub enum ActivateError {
 /// A virtio device as its transport sees it. Every method takes guest-controlled input and
 /// must not panic on it.
 pub trait VirtioDevice: Send {
+    /// The state every device shares (type, queue sizes, features, activation); the methods
+    /// below that only report it are answered from here.
+    fn common(&self) -> &VirtioCommon;
+
+    fn common_mut(&mut self) -> &mut VirtioCommon;
+
     /// Virtio device id (`virtio_ids::VIRTIO_ID_*`).
-    fn device_type(&self) -> u32;
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
 
     /// Maximum size of each queue; the number of queues is the length.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_max_sizes()
+    }
 
     /// Features offered: the device's own plus [`features::COMMON`].
-    fn offered_features(&self) -> u64;
+    fn offered_features(&self) -> u64 {
+        self.common().offered_features()
+    }
 
     /// Features the driver accepted (a subset of the offered ones).
-    fn acked_features(&self) -> u64;
+    fn acked_features(&self) -> u64 {
+        self.common().acked_features()
+    }
 
     /// Record the driver's features. Bits not offered are dropped; ignored once active.
-    fn ack_features(&mut self, features: u64);
+    fn ack_features(&mut self, features: u64) {
+        self.common_mut().ack_features(features);
+    }
 
     /// Read the device configuration space at `offset`. Bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
@@ -146,7 +162,9 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, queue: u16);
 
     /// Whether the device is active (between a successful activate and a reset).
-    fn is_active(&self) -> bool;
+    fn is_active(&self) -> bool {
+        self.common().is_active()
+    }
 }
 
 /// What an active device holds.

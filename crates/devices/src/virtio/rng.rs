@@ -185,24 +185,12 @@ fn handle_chain(
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        self.common.device_type()
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn offered_features(&self) -> u64 {
-        self.common.offered_features()
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.common.acked_features()
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.common.ack_features(features);
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -235,10 +223,6 @@ impl VirtioDevice for Rng {
         common.process_queue(queue, |dma, chain| {
             handle_chain(source.as_mut(), scratch, dma, chain)
         });
-    }
-
-    fn is_active(&self) -> bool {
-        self.common.is_active()
     }
 }
 

@@ -119,24 +119,12 @@ fn build_config(capacity: u64) -> [u8; CONFIG_LEN] {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        self.common.device_type()
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn offered_features(&self) -> u64 {
-        self.common.offered_features()
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.common.acked_features()
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.common.ack_features(features);
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -171,9 +159,5 @@ impl VirtioDevice for Block {
             write_zeroes: common.has_feature(bit(VIRTIO_BLK_F_WRITE_ZEROES)),
         };
         common.process_queue(queue, |dma, chain| request::handle_chain(&ctx, dma, chain));
-    }
-
-    fn is_active(&self) -> bool {
-        self.common.is_active()
     }
 }

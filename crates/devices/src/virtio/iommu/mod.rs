@@ -624,24 +624,12 @@ impl State {
 }
 
 impl VirtioDevice for VirtioIommu {
-    fn device_type(&self) -> u32 {
-        self.common.device_type()
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn offered_features(&self) -> u64 {
-        self.common.offered_features()
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.common.acked_features()
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.common.ack_features(features);
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -687,9 +675,5 @@ impl VirtioDevice for VirtioIommu {
         }
         // Faults may be waiting whichever queue was kicked (or none: the fault notifier).
         self.deliver_faults();
-    }
-
-    fn is_active(&self) -> bool {
-        self.common.is_active()
     }
 }

@@ -533,21 +533,14 @@ struct Signaller {
 }
 
 impl VirtioDevice for Signaller {
-    fn device_type(&self) -> u32 {
-        self.common.device_type()
+    fn common(&self) -> &crate::virtio::VirtioCommon {
+        &self.common
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
+
+    fn common_mut(&mut self) -> &mut crate::virtio::VirtioCommon {
+        &mut self.common
     }
-    fn offered_features(&self) -> u64 {
-        self.common.offered_features()
-    }
-    fn acked_features(&self) -> u64 {
-        self.common.acked_features()
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.common.ack_features(features);
-    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         crate::virtio::read_config_bytes(&[1, 2, 3, 4], offset, data);
     }
@@ -570,9 +563,6 @@ impl VirtioDevice for Signaller {
                 _ => irq.signal_config(),
             }
         }
-    }
-    fn is_active(&self) -> bool {
-        self.common.is_active()
     }
 }
 

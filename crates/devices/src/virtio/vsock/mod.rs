@@ -472,24 +472,12 @@ impl AsRawFd for Vsock {
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        self.common.device_type()
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn offered_features(&self) -> u64 {
-        self.common.offered_features()
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.common.acked_features()
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.common.ack_features(features);
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -534,9 +522,5 @@ impl VirtioDevice for Vsock {
         }
         // New rx buffers, or replies and credit from the tx packets.
         self.pump();
-    }
-
-    fn is_active(&self) -> bool {
-        self.common.is_active()
     }
 }
