@@ -26,16 +26,14 @@
 //! guest runs its login on (`console=hvc0`, the UART keeping early boot messages).
 
 use std::io::{self, Write};
-use std::num::Wrapping;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use super::dma::{Access, DmaMemory, DmaSnapshot};
 use super::features::bit;
-use super::queue::{QueueError, parse_chain};
+use super::queue::{FillEnd, QueueError, fill, parse_chain};
 use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
 use crate::interrupt::IrqLine;
 
@@ -259,7 +257,7 @@ impl Console {
 /// Pop receive chains and fill them from `bytes[*taken..]` until the bytes or the chains run
 /// out. Out of chains with bytes left, notifications are turned on so that the driver kicks
 /// when it posts more; with every byte delivered, they are turned off (no wake-ups for buffers
-/// nobody waits for). The same ring checks as [`super::queue::drain`].
+/// nobody waits for). The ring checks are [`fill`]'s.
 fn fill_receive_buffers(
     queue: &mut Queue,
     dma: &DmaSnapshot,
@@ -267,40 +265,32 @@ fn fill_receive_buffers(
     taken: &mut usize,
     used: &mut bool,
 ) -> Result<(), QueueError> {
-    let mem = dma.memory();
-    let size = queue.size();
-    loop {
-        if *taken >= bytes.len() {
-            return queue.disable_notification(mem).map_err(QueueError::Ring);
-        }
-        let avail = queue
-            .avail_idx(mem, Ordering::Acquire)
+    // The bytes of the last chain count once it is back with the driver: `want` runs after
+    // every add_used, so it adds them (a ring fault in add_used leaves them out).
+    let mut last = 0usize;
+    let mut state = (taken, &mut last);
+    let end = fill(
+        queue,
+        dma,
+        &mut state,
+        used,
+        |(taken, last)| {
+            **taken += std::mem::take(*last);
+            (**taken < bytes.len()).then_some(())
+        },
+        |(taken, last), (), chain| {
+            let n = deliver(dma, chain, &bytes[**taken..]);
+            // n <= the bytes offered.
+            **last = usize::try_from(n).unwrap_or(0);
+            Some(n)
+        },
+    )?;
+    if end == FillEnd::Satisfied {
+        queue
+            .disable_notification(dma.memory())
             .map_err(QueueError::Ring)?;
-        let pending = (avail - Wrapping(queue.next_avail())).0;
-        if pending > size {
-            return Err(QueueError::TooManyAvailable { pending, size });
-        }
-        if pending == 0 {
-            // enable_notification reports buffers posted since we looked.
-            if queue.enable_notification(mem).map_err(QueueError::Ring)? {
-                continue;
-            }
-            return Ok(());
-        }
-        let index = queue.next_avail();
-        let chain = queue
-            .pop_descriptor_chain(mem)
-            .ok_or(QueueError::AvailEntry { index })?;
-        let head = chain.head_index();
-        if head >= size {
-            return Err(QueueError::BadHead { head, size });
-        }
-        let n = deliver(dma, chain, &bytes[*taken..]);
-        queue.add_used(mem, head, n).map_err(QueueError::Ring)?;
-        *used = true;
-        // n <= the bytes offered.
-        *taken += usize::try_from(n).unwrap_or(0);
     }
+    Ok(())
 }
 
 /// Write the front of `data` into one receive chain; returns how many bytes it got. A chain

@@ -18,7 +18,7 @@ use std::num::Wrapping;
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
 use super::dma::{DmaMemory, DmaSnapshot, SgList};
@@ -132,9 +132,31 @@ pub fn drain(
     dma: &DmaSnapshot,
     mut handle: impl FnMut(DescriptorChain<&DmaMemory>) -> u32,
 ) -> Result<bool, QueueError> {
+    let mut used_any = false;
+    drain_until(
+        queue,
+        dma,
+        &mut (),
+        &mut used_any,
+        |_| false,
+        |_, chain| handle(chain),
+    )?;
+    Ok(used_any)
+}
+
+/// [`drain`], asking `stop` before each chain: once it says so, the rest stays in the ring with
+/// notifications off, and this returns `true`. `used` is set when a chain is returned to the
+/// driver.
+pub fn drain_until<S>(
+    queue: &mut Queue,
+    dma: &DmaSnapshot,
+    state: &mut S,
+    used: &mut bool,
+    mut stop: impl FnMut(&mut S) -> bool,
+    mut handle: impl FnMut(&mut S, DescriptorChain<&DmaMemory>) -> u32,
+) -> Result<bool, QueueError> {
     let mem = dma.memory();
     let size = queue.size();
-    let mut used_any = false;
     loop {
         // With EVENT_IDX, notifications stay off until re-armed below; without it, the
         // NO_NOTIFY flag keeps the driver from kicking while we work.
@@ -147,6 +169,9 @@ pub fn drain(
             return Err(QueueError::TooManyAvailable { pending, size });
         }
         for _ in 0..pending {
+            if stop(state) {
+                return Ok(true);
+            }
             let index = queue.next_avail();
             let chain = queue
                 .pop_descriptor_chain(mem)
@@ -155,14 +180,76 @@ pub fn drain(
             if head >= size {
                 return Err(QueueError::BadHead { head, size });
             }
-            let len = handle(chain);
+            let len = handle(state, chain);
             queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
-            used_any = true;
+            *used = true;
         }
         // enable_notification reports buffers that arrived since we last looked.
         if !queue.enable_notification(mem).map_err(QueueError::Ring)? {
-            return Ok(used_any);
+            return Ok(false);
         }
+    }
+}
+
+/// Why [`fill`] stopped without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillEnd {
+    /// `want` had nothing more to put in a chain.
+    Satisfied,
+    /// No chain is available; notifications are on, so the driver kicks when it adds one.
+    OutOfBuffers,
+    /// `handle` gave its chain back (it stays first in the ring for next time).
+    PutBack,
+}
+
+/// Pop chains one at a time while `want` has something for them (for a device that fills the
+/// driver's buffers when it has data, not when the driver kicks), with the same ring checks as
+/// [`drain`]. `want` is asked before each chain and its answer goes to `handle` with the chain;
+/// `handle` returns the used length, or `None` to put the chain back and stop. Out of chains,
+/// notifications are re-armed (and the ring looked at again if buffers arrived meanwhile).
+/// `used` is set when a chain is returned to the driver.
+pub fn fill<S, T>(
+    queue: &mut Queue,
+    dma: &DmaSnapshot,
+    state: &mut S,
+    used: &mut bool,
+    mut want: impl FnMut(&mut S) -> Option<T>,
+    mut handle: impl FnMut(&mut S, T, DescriptorChain<&DmaMemory>) -> Option<u32>,
+) -> Result<FillEnd, QueueError> {
+    let mem = dma.memory();
+    let size = queue.size();
+    loop {
+        let Some(item) = want(state) else {
+            return Ok(FillEnd::Satisfied);
+        };
+        let avail = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(QueueError::Ring)?;
+        let pending = (avail - Wrapping(queue.next_avail())).0;
+        if pending > size {
+            return Err(QueueError::TooManyAvailable { pending, size });
+        }
+        if pending == 0 {
+            // enable_notification reports buffers posted since we looked.
+            if queue.enable_notification(mem).map_err(QueueError::Ring)? {
+                continue;
+            }
+            return Ok(FillEnd::OutOfBuffers);
+        }
+        let index = queue.next_avail();
+        let chain = queue
+            .pop_descriptor_chain(mem)
+            .ok_or(QueueError::AvailEntry { index })?;
+        let head = chain.head_index();
+        if head >= size {
+            return Err(QueueError::BadHead { head, size });
+        }
+        let Some(len) = handle(state, item, chain) else {
+            queue.go_to_previous_position();
+            return Ok(FillEnd::PutBack);
+        };
+        queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
+        *used = true;
     }
 }
 

@@ -28,14 +28,13 @@ pub mod request;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::Wrapping;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use virtio_queue::{Queue, QueueT};
 
 use super::dma::{DmaFault, DmaIommu, DmaSnapshot, FaultKind, FaultReporter, IotlbStats};
-use super::queue::{QueueError, parse_chain};
+use super::queue::{QueueError, fill, parse_chain};
 use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt, features};
 use crate::bus::lock;
 
@@ -471,59 +470,40 @@ fn deliver(
     state: &mut State,
     used: &mut bool,
 ) -> Result<(), QueueError> {
-    let mem = dma.memory();
-    let size = queue.size();
-    loop {
-        let Some(next) = lock(&state.faults.pending).front().copied() else {
-            return Ok(());
-        };
-        let avail = queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(QueueError::Ring)?;
-        let pending = (avail - Wrapping(queue.next_avail())).0;
-        if pending > size {
-            return Err(QueueError::TooManyAvailable { pending, size });
-        }
-        if pending == 0 {
-            if queue.enable_notification(mem).map_err(QueueError::Ring)? {
-                continue;
-            }
-            return Ok(());
-        }
-        let index = queue.next_avail();
-        let chain = queue
-            .pop_descriptor_chain(mem)
-            .ok_or(QueueError::AvailEntry { index })?;
-        let head = chain.head_index();
-        if head >= size {
-            return Err(QueueError::BadHead { head, size });
-        }
-        let len = match parse_chain(chain, usize::from(QUEUE_SIZE)) {
-            Ok(b) if b.readable.is_empty() && b.writable.len() >= fault::LEN as u64 => {
-                match dma.write_sg(&b.writable, &fault_bytes(&next)) {
-                    Ok(_) => {
-                        lock(&state.faults.pending).pop_front();
-                        state.delivered += 1;
-                        fault::LEN as u32
-                    }
-                    Err(e) => {
-                        tracing::debug!(head, "virtio-iommu: event buffer: {e}");
-                        0
+    fill(
+        queue,
+        dma,
+        state,
+        used,
+        |state| lock(&state.faults.pending).front().copied(),
+        |state, next, chain| {
+            let head = chain.head_index();
+            Some(match parse_chain(chain, usize::from(QUEUE_SIZE)) {
+                Ok(b) if b.readable.is_empty() && b.writable.len() >= fault::LEN as u64 => {
+                    match dma.write_sg(&b.writable, &fault_bytes(&next)) {
+                        Ok(_) => {
+                            lock(&state.faults.pending).pop_front();
+                            state.delivered += 1;
+                            fault::LEN as u32
+                        }
+                        Err(e) => {
+                            tracing::debug!(head, "virtio-iommu: event buffer: {e}");
+                            0
+                        }
                     }
                 }
-            }
-            Ok(_) => {
-                tracing::debug!(head, "virtio-iommu: event buffer is not 24 writable bytes");
-                0
-            }
-            Err(fault) => {
-                tracing::debug!(head, "virtio-iommu: event buffer: {}", fault.error);
-                0
-            }
-        };
-        queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
-        *used = true;
-    }
+                Ok(_) => {
+                    tracing::debug!(head, "virtio-iommu: event buffer is not 24 writable bytes");
+                    0
+                }
+                Err(fault) => {
+                    tracing::debug!(head, "virtio-iommu: event buffer: {}", fault.error);
+                    0
+                }
+            })
+        },
+    )?;
+    Ok(())
 }
 
 impl State {

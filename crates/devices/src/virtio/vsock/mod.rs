@@ -26,17 +26,15 @@ mod packet;
 mod tests;
 mod unix;
 
-use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use super::dma::{DmaMemory, DmaSnapshot};
-use super::queue::{QueueError, parse_chain};
+use super::queue::{QueueError, drain_until, fill, parse_chain};
 use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
 
 pub use muxer::{CONN_BUF_SIZE, MAX_CONNECTIONS, MAX_PAYLOAD};
@@ -293,73 +291,55 @@ fn fill_rx(
     buf: &mut [u8],
     used_any: &mut bool,
 ) -> Result<(), QueueError> {
-    let mem = dma.memory();
-    let size = queue.size();
-    while muxer.has_rx() {
-        let avail = queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(QueueError::Ring)?;
-        let pending = (avail - Wrapping(queue.next_avail())).0;
-        if pending > size {
-            return Err(QueueError::TooManyAvailable { pending, size });
-        }
-        if pending == 0 {
-            // Out of buffers: have the driver kick when it adds some (and look again in case
-            // it just did).
-            if queue.enable_notification(mem).map_err(QueueError::Ring)? {
-                continue;
-            }
-            return Ok(());
-        }
-        let index = queue.next_avail();
-        let chain = queue
-            .pop_descriptor_chain(mem)
-            .ok_or(QueueError::AvailEntry { index })?;
-        let head = chain.head_index();
-        if head >= size {
-            return Err(QueueError::BadHead { head, size });
-        }
-        let writable = match parse_chain(chain, MAX_DESCRIPTORS) {
-            Ok(b) => b.writable,
-            Err(fault) => {
-                tracing::debug!(head, "virtio-vsock: rx chain: {}", fault.error);
-                queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
-                *used_any = true;
-                continue;
-            }
-        };
-        let room = usize::try_from(writable.len())
-            .unwrap_or(usize::MAX)
-            .min(buf.len());
-        // A buffer with no room for data would sit at the head of the queue and hold up every
-        // data packet: unless a control packet can use it, it goes back empty.
-        if room < HDR_LEN || (room == HDR_LEN && !muxer.has_control()) {
-            tracing::debug!(head, room, "virtio-vsock: rx buffer too small");
-            queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
-            *used_any = true;
-            continue;
-        }
-        let Some(n) = muxer.next_rx(&mut buf[..room]) else {
-            queue.go_to_previous_position();
-            return Ok(());
-        };
-        let used = match dma.write_sg(&writable, &buf[..n]) {
-            Ok(_) => u32::try_from(n).unwrap_or(0),
-            Err(e) => {
-                tracing::debug!(head, "virtio-vsock: rx buffer: {e}");
-                let mut hb = [0u8; HDR_LEN];
-                hb.copy_from_slice(&buf[..HDR_LEN]);
-                muxer.rx_failed(&Header::from_bytes(&hb));
-                0
-            }
-        };
-        queue.add_used(mem, head, used).map_err(QueueError::Ring)?;
-        *used_any = true;
-    }
+    fill(
+        queue,
+        dma,
+        muxer,
+        used_any,
+        |muxer| muxer.has_rx().then_some(()),
+        |muxer, (), chain| fill_rx_chain(dma, muxer, buf, chain),
+    )?;
     Ok(())
 }
 
-/// Like [`super::queue::drain`], with a stop when replies pile up.
+/// One rx chain: the used length, or `None` (put it back) when the muxer has nothing for it.
+fn fill_rx_chain(
+    dma: &DmaSnapshot,
+    muxer: &mut Muxer,
+    buf: &mut [u8],
+    chain: DescriptorChain<&DmaMemory>,
+) -> Option<u32> {
+    let head = chain.head_index();
+    let writable = match parse_chain(chain, MAX_DESCRIPTORS) {
+        Ok(b) => b.writable,
+        Err(fault) => {
+            tracing::debug!(head, "virtio-vsock: rx chain: {}", fault.error);
+            return Some(0);
+        }
+    };
+    let room = usize::try_from(writable.len())
+        .unwrap_or(usize::MAX)
+        .min(buf.len());
+    // A buffer with no room for data would sit at the head of the queue and hold up every
+    // data packet: unless a control packet can use it, it goes back empty.
+    if room < HDR_LEN || (room == HDR_LEN && !muxer.has_control()) {
+        tracing::debug!(head, room, "virtio-vsock: rx buffer too small");
+        return Some(0);
+    }
+    let n = muxer.next_rx(&mut buf[..room])?;
+    Some(match dma.write_sg(&writable, &buf[..n]) {
+        Ok(_) => u32::try_from(n).unwrap_or(0),
+        Err(e) => {
+            tracing::debug!(head, "virtio-vsock: rx buffer: {e}");
+            let mut hb = [0u8; HDR_LEN];
+            hb.copy_from_slice(&buf[..HDR_LEN]);
+            muxer.rx_failed(&Header::from_bytes(&hb));
+            0
+        }
+    })
+}
+
+/// [`super::queue::drain`], with a stop when replies pile up.
 fn drain_tx(
     queue: &mut Queue,
     dma: &DmaSnapshot,
@@ -369,39 +349,17 @@ fn drain_tx(
     used_any: &mut bool,
     stalled: &mut bool,
 ) -> Result<(), QueueError> {
-    let mem = dma.memory();
-    let size = queue.size();
+    // Not stalled after a ring fault either.
     *stalled = false;
-    loop {
-        queue.disable_notification(mem).map_err(QueueError::Ring)?;
-        let avail = queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(QueueError::Ring)?;
-        let pending = (avail - Wrapping(queue.next_avail())).0;
-        if pending > size {
-            return Err(QueueError::TooManyAvailable { pending, size });
-        }
-        for _ in 0..pending {
-            if muxer.backlogged() {
-                *stalled = true;
-                return Ok(());
-            }
-            let index = queue.next_avail();
-            let chain = queue
-                .pop_descriptor_chain(mem)
-                .ok_or(QueueError::AvailEntry { index })?;
-            let head = chain.head_index();
-            if head >= size {
-                return Err(QueueError::BadHead { head, size });
-            }
-            let len = handle_tx(muxer, buf, guest_cid, dma, chain);
-            queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
-            *used_any = true;
-        }
-        if !queue.enable_notification(mem).map_err(QueueError::Ring)? {
-            return Ok(());
-        }
-    }
+    *stalled = drain_until(
+        queue,
+        dma,
+        muxer,
+        used_any,
+        |muxer| muxer.backlogged(),
+        |muxer, chain| handle_tx(muxer, buf, guest_cid, dma, chain),
+    )?;
+    Ok(())
 }
 
 /// One packet from the tx queue: header in the first [`HDR_LEN`] readable bytes, payload in
