@@ -170,3 +170,68 @@ pub fn run(args: &[&str]) -> Output {
     cmd.args(args);
     Running::start(&mut cmd).finish()
 }
+
+/// The path of a test guest as a string, for an argument.
+pub fn guest_path(name: &str) -> String {
+    guest(name).to_string_lossy().into_owned()
+}
+
+/// A scratch file removed on drop.
+pub struct TempFile(pub std::path::PathBuf);
+
+impl TempFile {
+    pub fn new(name: &str, contents: &[u8]) -> Self {
+        let p = std::env::temp_dir().join(format!("manifold-test-{}-{name}", std::process::id()));
+        std::fs::write(&p, contents).expect("write temp file");
+        Self(p)
+    }
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A scratch directory removed (with what is in it) on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("manifold-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).expect("create temp dir");
+        Self(p)
+    }
+    pub fn join(&self, name: &str) -> String {
+        self.0
+            .join(name)
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Every queue kick of a run was caught by an ioeventfd (needs `--log-level debug`).
+pub fn assert_kicks_stayed_in_the_kernel(out: &Output) {
+    assert!(
+        !out.stderr.contains("queue notify through an MMIO exit"),
+        "a kick left the guest: {out:?}"
+    );
+}
+
+/// Each of `lines` is somewhere in what the guest printed on COM1.
+pub fn assert_printed(out: &Output, lines: &[&str]) {
+    for line in lines {
+        assert!(out.stdout.contains(line), "missing `{line}`: {out:?}");
+    }
+}
