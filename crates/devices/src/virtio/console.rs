@@ -201,46 +201,13 @@ impl Console {
 
     /// Fill receive buffers from `bytes`; returns how many bytes the guest got.
     fn receive(&mut self, bytes: &[u8]) -> usize {
-        // The queue is used outside VirtioCommon::process_queue (buffers are taken when the
-        // host has input, not when the driver notifies), so reach into the active state,
-        // keeping its rules: a broken device serves nothing until reset.
-        let Some(active) = self.common.active.as_mut() else {
-            return 0;
-        };
-        if active.broken {
-            return 0;
-        }
-        let Some(queue) = active.queues.get_mut(usize::from(RX_QUEUE)) else {
-            return 0;
-        };
-        if !queue.ready() {
-            return 0;
-        }
-        let snapshot = active.dma.snapshot();
+        // Buffers are taken when the host has input, not when the driver notifies.
         let mut taken = 0usize;
-        let mut used = false;
-        let result =
-            fill_receive_buffers(queue, &snapshot, bytes, &mut taken, &mut used).and_then(|()| {
-                if used {
-                    queue
-                        .needs_notification(snapshot.memory())
-                        .map_err(QueueError::Ring)
-                } else {
-                    Ok(false)
-                }
-            });
-        match result {
-            Ok(true) => active.interrupt.signal_queue(RX_QUEUE),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(
-                    queue = RX_QUEUE,
-                    "virtio-console: queue fault, device needs reset: {e}"
-                );
-                active.broken = true;
-                active.interrupt.set_needs_reset();
-            }
-        }
+        self.common.serve(RX_QUEUE, |queue, snapshot| {
+            let mut used = false;
+            fill_receive_buffers(queue, snapshot, bytes, &mut taken, &mut used)?;
+            Ok(used)
+        });
         taken
     }
 

@@ -295,39 +295,52 @@ impl VirtioCommon {
     }
 
     /// Serve queue `index` with `handle`, which gets each available chain and returns the
-    /// number of bytes it wrote into the chain (the used length). Interrupts the driver if it
-    /// asked for it; a queue fault marks the device broken and asks for a reset.
+    /// number of bytes it wrote into the chain (the used length).
     pub fn process_queue(
         &mut self,
         index: u16,
         mut handle: impl FnMut(&DmaSnapshot, DescriptorChain<&DmaMemory>) -> u32,
     ) {
+        self.serve(index, |queue, snapshot| {
+            queue::drain(queue, snapshot, |chain| handle(snapshot, chain))
+        });
+    }
+
+    /// Run `serve` on queue `index` if the device is active, not broken and the queue ready;
+    /// `serve` returns whether it put any chain in the used ring. Interrupts the driver if it
+    /// asked for it; a queue fault marks the device broken and asks for a reset. The one place
+    /// these rules live, for queues served on a notification and those served when the host has
+    /// something for the guest (receive queues, events).
+    pub fn serve(
+        &mut self,
+        index: u16,
+        serve: impl FnOnce(&mut Queue, &DmaSnapshot) -> Result<bool, queue::QueueError>,
+    ) {
         let Some(active) = self.active.as_mut() else {
-            tracing::debug!(index, "notification for an inactive device");
+            tracing::debug!(index, "queue of an inactive device not served");
             return;
         };
         if active.broken {
             return;
         }
         let Some(queue) = active.queues.get_mut(usize::from(index)) else {
-            tracing::debug!(index, "notification for a queue that does not exist");
+            tracing::debug!(index, "queue that does not exist not served");
             return;
         };
         if !queue.ready() {
-            tracing::debug!(index, "notification for a queue that is not ready");
+            tracing::debug!(index, "queue that is not ready not served");
             return;
         }
         let snapshot = active.dma.snapshot();
-        let result =
-            queue::drain(queue, &snapshot, |chain| handle(&snapshot, chain)).and_then(|used| {
-                if used {
-                    queue
-                        .needs_notification(snapshot.memory())
-                        .map_err(queue::QueueError::Ring)
-                } else {
-                    Ok(false)
-                }
-            });
+        let result = serve(queue, &snapshot).and_then(|used| {
+            if used {
+                queue
+                    .needs_notification(snapshot.memory())
+                    .map_err(queue::QueueError::Ring)
+            } else {
+                Ok(false)
+            }
+        });
         match result {
             Ok(true) => active.interrupt.signal_queue(index),
             Ok(false) => {}

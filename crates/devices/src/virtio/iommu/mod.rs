@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 
 use super::dma::{DmaFault, DmaIommu, DmaSnapshot, FaultKind, FaultReporter, IotlbStats};
 use super::queue::{QueueError, fill, parse_chain};
@@ -402,41 +402,11 @@ impl VirtioIommu {
     /// Write pending faults into the event queue's buffers, as many as there are buffers.
     fn deliver_faults(&mut self) {
         let Self { common, state } = self;
-        let Some(active) = common.active.as_mut() else {
-            return;
-        };
-        if active.broken {
-            return;
-        }
-        let Some(queue) = active.queues.get_mut(usize::from(EVENT_QUEUE)) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        let snapshot = active.dma.snapshot();
-        let mut used = false;
-        let result = deliver(queue, &snapshot, state, &mut used).and_then(|()| {
-            if used {
-                queue
-                    .needs_notification(snapshot.memory())
-                    .map_err(QueueError::Ring)
-            } else {
-                Ok(false)
-            }
+        common.serve(EVENT_QUEUE, |queue, snapshot| {
+            let mut used = false;
+            deliver(queue, snapshot, state, &mut used)?;
+            Ok(used)
         });
-        match result {
-            Ok(true) => active.interrupt.signal_queue(EVENT_QUEUE),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(
-                    queue = EVENT_QUEUE,
-                    "virtio-iommu: queue fault, device needs reset: {e}"
-                );
-                active.broken = true;
-                active.interrupt.set_needs_reset();
-            }
-        }
     }
 }
 

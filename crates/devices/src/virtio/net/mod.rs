@@ -244,47 +244,13 @@ impl<B: NetBackend> Net<B> {
             stats,
             ..
         } = self;
-        let device_type = common.device_type();
         // The receive queue is not served chain by chain (a frame may take several chains, or
-        // wait for them), so it is driven here rather than through VirtioCommon::process_queue.
-        let Some(active) = common.active.as_mut() else {
-            return;
-        };
-        if active.broken {
-            return;
-        }
-        let Some(queue) = active.queues.get_mut(usize::from(RX_QUEUE)) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        let snapshot = active.dma.snapshot();
-        let mut used = false;
-        let result = rx
-            .run(queue, &snapshot, backend, neg, stats, &mut used)
-            .and_then(|()| {
-                if used {
-                    queue
-                        .needs_notification(snapshot.memory())
-                        .map_err(QueueError::Ring)
-                } else {
-                    Ok(false)
-                }
-            });
-        match result {
-            Ok(true) => active.interrupt.signal_queue(RX_QUEUE),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(
-                    device = device_type,
-                    queue = RX_QUEUE,
-                    "virtio queue fault, device needs reset: {e}"
-                );
-                active.broken = true;
-                active.interrupt.set_needs_reset();
-            }
-        }
+        // wait for them), so it is served here rather than through VirtioCommon::process_queue.
+        common.serve(RX_QUEUE, |queue, snapshot| {
+            let mut used = false;
+            rx.run(queue, snapshot, backend, neg, stats, &mut used)?;
+            Ok(used)
+        });
     }
 
     fn process_tx(&mut self) {

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 
 use super::dma::{DmaMemory, DmaSnapshot};
 use super::queue::{QueueError, drain_until, fill, parse_chain};
@@ -187,41 +187,14 @@ impl Vsock {
             rx_buf,
             ..
         } = self;
-        let Some(active) = common.active.as_mut() else {
-            return;
-        };
-        if active.broken || !muxer.has_rx() {
+        if !muxer.has_rx() {
             return;
         }
-        let Some(queue) = active.queues.get_mut(usize::from(RX_QUEUE)) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        let snapshot = active.dma.snapshot();
-        let mut used_any = false;
-        let result = fill_rx(queue, &snapshot, muxer, rx_buf, &mut used_any).and_then(|()| {
-            if used_any {
-                queue
-                    .needs_notification(snapshot.memory())
-                    .map_err(QueueError::Ring)
-            } else {
-                Ok(false)
-            }
+        common.serve(RX_QUEUE, |queue, snapshot| {
+            let mut used_any = false;
+            fill_rx(queue, snapshot, muxer, rx_buf, &mut used_any)?;
+            Ok(used_any)
         });
-        match result {
-            Ok(true) => active.interrupt.signal_queue(RX_QUEUE),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(
-                    queue = RX_QUEUE,
-                    "virtio-vsock: queue fault, device needs reset: {e}"
-                );
-                active.broken = true;
-                active.interrupt.set_needs_reset();
-            }
-        }
     }
 
     /// Serve the tx queue until it is empty or replies pile up ([`Muxer::backlogged`]); in the
@@ -235,51 +208,20 @@ impl Vsock {
             tx_stalled,
             ..
         } = self;
-        let Some(active) = common.active.as_mut() else {
-            return;
-        };
-        if active.broken {
-            return;
-        }
-        let Some(queue) = active.queues.get_mut(usize::from(TX_QUEUE)) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        let snapshot = active.dma.snapshot();
-        let mut used_any = false;
-        let result = drain_tx(
-            queue,
-            &snapshot,
-            muxer,
-            tx_buf,
-            *guest_cid,
-            &mut used_any,
-            tx_stalled,
-        )
-        .and_then(|()| {
-            if used_any {
-                queue
-                    .needs_notification(snapshot.memory())
-                    .map_err(QueueError::Ring)
-            } else {
-                Ok(false)
-            }
+        common.serve(TX_QUEUE, |queue, snapshot| {
+            let mut used_any = false;
+            let drained = drain_tx(
+                queue,
+                snapshot,
+                muxer,
+                tx_buf,
+                *guest_cid,
+                &mut used_any,
+                tx_stalled,
+            );
+            muxer.arm_timer();
+            drained.map(|()| used_any)
         });
-        muxer.arm_timer();
-        match result {
-            Ok(true) => active.interrupt.signal_queue(TX_QUEUE),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(
-                    queue = TX_QUEUE,
-                    "virtio-vsock: queue fault, device needs reset: {e}"
-                );
-                active.broken = true;
-                active.interrupt.set_needs_reset();
-            }
-        }
     }
 }
 
