@@ -42,7 +42,9 @@ pub use dma::{DmaError, DmaSnapshot, DmaSpace};
 
 /// Feature bits, as masks.
 pub mod features {
-    use virtio_bindings::bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+    use virtio_bindings::bindings::virtio_config::{
+        VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_SR_IOV, VIRTIO_F_VERSION_1,
+    };
     use virtio_bindings::bindings::virtio_ring::{
         VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
     };
@@ -56,6 +58,8 @@ pub mod features {
     pub const ACCESS_PLATFORM: u64 = bit(VIRTIO_F_ACCESS_PLATFORM);
     pub const RING_EVENT_IDX: u64 = bit(VIRTIO_RING_F_EVENT_IDX);
     pub const RING_INDIRECT_DESC: u64 = bit(VIRTIO_RING_F_INDIRECT_DESC);
+    /// The function is an SR-IOV PF (offered only by PFs, which carry the capability).
+    pub const SR_IOV: u64 = bit(VIRTIO_F_SR_IOV);
 
     /// Offered by every device. ACCESS_PLATFORM is offered even with an identity [`DmaSpace`]
     /// (the driver then uses its DMA API, which maps 1:1 without an IOMMU), so that a device
@@ -218,6 +222,13 @@ impl VirtioCommon {
 
     pub fn offered_features(&self) -> u64 {
         self.offered
+    }
+
+    /// Offer `mask` too (a transport feature such as [`features::SR_IOV`], which the VMM
+    /// decides when it gives a device the SR-IOV capability). Before the driver sees the
+    /// device only.
+    pub fn offer(&mut self, mask: u64) {
+        self.offered |= mask;
     }
 
     pub fn acked_features(&self) -> u64 {

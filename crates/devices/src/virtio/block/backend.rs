@@ -6,6 +6,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::virtio::dma::{DmaError, DmaSnapshot, SgList};
 
@@ -53,9 +54,16 @@ pub enum BackendError {
     Io(#[from] std::io::Error),
 }
 
+/// Regions of a split image start at multiples of this (a host page: no region shares a
+/// page-cache page or an O_DIRECT block with its neighbour).
+pub const REGION_ALIGN: u64 = 4096;
+
 #[derive(Debug)]
 pub struct BlockBackend {
-    file: File,
+    /// Shared by the regions of one image (SR-IOV VFs): one open file serves every disk.
+    file: Arc<File>,
+    /// Where this disk starts in the file: 0, or a region's start.
+    base: u64,
     /// Usable size in bytes: whole sectors only.
     size: u64,
     read_only: bool,
@@ -94,12 +102,45 @@ impl BlockBackend {
         let mut id = [0u8; SERIAL_LEN];
         id[..serial.len()].copy_from_slice(serial.as_bytes());
         Ok(Self {
-            file,
+            file: Arc::new(file),
+            base: 0,
             size: len - len % SECTOR_SIZE,
             read_only: opts.read_only,
             direct: opts.direct,
             serial: id,
         })
+    }
+
+    /// Region `index` of `count` equal parts of the image, a whole disk of its own: each part
+    /// is the image size divided by `count`, rounded down to [`REGION_ALIGN`]; the remainder at
+    /// the end belongs to no region. Shares the open file; `serial` is the region's GET_ID.
+    /// `None` if `index >= count` or the parts would be empty.
+    pub fn region(&self, index: u16, count: u16, serial: &str) -> Option<Self> {
+        let part = Self::region_size(self.size, count)?;
+        if index >= count || serial.len() > SERIAL_LEN {
+            return None;
+        }
+        let mut id = [0u8; SERIAL_LEN];
+        id[..serial.len()].copy_from_slice(serial.as_bytes());
+        Some(Self {
+            file: self.file.clone(),
+            base: self.base + u64::from(index) * part,
+            size: part,
+            read_only: self.read_only,
+            direct: self.direct,
+            serial: id,
+        })
+    }
+
+    /// Bytes per region when a disk of `size` bytes is split in `count` (see [`Self::region`]).
+    pub fn region_size(size: u64, count: u16) -> Option<u64> {
+        let part = size.checked_div(u64::from(count))? / REGION_ALIGN * REGION_ALIGN;
+        (part > 0).then_some(part)
+    }
+
+    /// Where this disk starts in the image file.
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// Usable size in bytes (a trailing partial sector is not part of the disk).
@@ -124,10 +165,11 @@ impl BlockBackend {
         &self.serial
     }
 
-    /// Byte offset and length of `[sector, sector + len/512)` if it lies inside the disk.
+    /// File offset of `[sector, sector + len/512)` if it lies inside the disk (a region's
+    /// base added: every host call below takes file offsets).
     pub fn range(&self, sector: u64, len: u64) -> Option<u64> {
         let offset = sector.checked_mul(SECTOR_SIZE)?;
-        (offset.checked_add(len)? <= self.size).then_some(offset)
+        (offset.checked_add(len)? <= self.size).then_some(self.base + offset)
     }
 
     fn align(&self) -> usize {

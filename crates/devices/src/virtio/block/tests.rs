@@ -1270,3 +1270,54 @@ fn random_chains_never_panic() {
         "{answered} answered, {dropped} dropped"
     );
 }
+
+#[test]
+fn regions_are_whole_disks_of_their_own() {
+    // 1 MiB + 3 sectors split in 3: 340 KiB each (1 MiB / 3 rounded down to 4 KiB), the rest
+    // belongs to no region.
+    let disk = Disk::new(DISK_SECTORS + 3);
+    let whole = BlockBackend::open(disk.file.as_path(), &BlockOptions::default()).unwrap();
+    let part = BlockBackend::region_size(whole.size(), 3).unwrap();
+    assert_eq!(part, 340 * 1024);
+    assert!(whole.region(3, 3, "x").is_none());
+    assert!(whole.region(0, 0, "x").is_none());
+    assert!(whole.region(0, 1, "an-id-much-longer-than-20").is_none());
+    assert_eq!(BlockBackend::region_size(4096, 2), None);
+
+    let mem = test_memory();
+    for vf in 0..3u16 {
+        let region = whole.region(vf, 3, &format!("vf{vf}")).unwrap();
+        assert_eq!((region.base(), region.size()), (u64::from(vf) * part, part));
+        let mut dev = Block::new(region);
+        let mut drv = TestDriver::new(&mem, QUEUE_SIZE);
+        activate(&mut dev, &drv, &mem);
+        let mut cfg = [0u8; 8];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(u64::from_le_bytes(cfg), part / SECTOR_SIZE, "capacity");
+        // Sector 0 and the last sector land at the region's start and end.
+        let data = pattern(512, vf as u8);
+        drv.write(DATA, &data);
+        let last = part / SECTOR_SIZE - 1;
+        for sector in [0, last] {
+            let (st, _) = run(
+                &mut dev,
+                &mut drv,
+                VIRTIO_BLK_T_OUT,
+                sector,
+                &[Desc::r(DATA, 512)],
+            );
+            assert_eq!(st, OK);
+            assert_eq!(disk.read(u64::from(vf) * part + sector * 512, 512), data);
+        }
+        // One sector past the region is refused, not written into the neighbour.
+        let (st, _) = run(
+            &mut dev,
+            &mut drv,
+            VIRTIO_BLK_T_OUT,
+            last + 1,
+            &[Desc::r(DATA, 512)],
+        );
+        assert_eq!(st, IOERR);
+        assert_ne!(disk.read(u64::from(vf + 1) * part, 512), data);
+    }
+}
