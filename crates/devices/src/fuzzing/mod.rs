@@ -10,6 +10,7 @@
 
 mod legacy;
 mod msix;
+mod net_switch;
 mod pci_config;
 mod sriov;
 mod virtio_blk;
@@ -20,6 +21,7 @@ mod virtq;
 
 pub use legacy::{cmos, fw_cfg, serial};
 pub use msix::msix_table;
+pub use net_switch::net_switch;
 pub use pci_config::pci_config;
 pub use sriov::sriov;
 pub use virtio_blk::virtio_blk;

@@ -21,6 +21,7 @@
 //! each chain must hold a whole frame; a frame bigger than the chain is dropped and the chain
 //! serves the next one.
 
+pub mod switch;
 mod tap;
 #[cfg(test)]
 mod tests;
@@ -87,6 +88,11 @@ pub trait NetBackend: AsRawFd + Send {
     /// a buffer and go through [`NetBackend::write_frame`].
     fn tx_fd(&self) -> Option<RawFd> {
         None
+    }
+    /// Whether the device may offer checksum and segmentation offloads over this backend (a
+    /// tap: the host kernel finishes frames). `false` (a switch port): frames are complete.
+    fn offloads(&self) -> bool {
+        true
     }
 }
 
@@ -166,16 +172,18 @@ fn tap_offload(acked: u64) -> u32 {
 
 impl<B: NetBackend> Net<B> {
     pub fn new(backend: B, cfg: NetConfig) -> Self {
-        let mut features = bit(VIRTIO_NET_F_STATUS)
-            | bit(VIRTIO_NET_F_CSUM)
+        let offloads = bit(VIRTIO_NET_F_CSUM)
             | bit(VIRTIO_NET_F_HOST_TSO4)
             | bit(VIRTIO_NET_F_HOST_TSO6)
             | bit(VIRTIO_NET_F_HOST_ECN)
             | bit(VIRTIO_NET_F_GUEST_CSUM)
             | bit(VIRTIO_NET_F_GUEST_TSO4)
             | bit(VIRTIO_NET_F_GUEST_TSO6)
-            | bit(VIRTIO_NET_F_GUEST_ECN)
-            | bit(VIRTIO_NET_F_MRG_RXBUF);
+            | bit(VIRTIO_NET_F_GUEST_ECN);
+        let mut features = bit(VIRTIO_NET_F_STATUS) | bit(VIRTIO_NET_F_MRG_RXBUF);
+        if backend.offloads() {
+            features |= offloads;
+        }
         let mut config = [0u8; CONFIG_LEN];
         let mut put = |offset: usize, bytes: &[u8]| {
             config[offset..offset + bytes.len()].copy_from_slice(bytes);
