@@ -29,11 +29,11 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 
-use super::dma::{Access, DmaMemory, DmaSnapshot};
+use super::dma::{Access, DmaSnapshot};
 use super::features::bit;
-use super::queue::{FillEnd, QueueError, fill, parse_chain};
+use super::queue::{Chain, FillEnd, QueueError, fill, parse_chain};
 use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
 use crate::interrupt::IrqLine;
 
@@ -262,7 +262,7 @@ fn fill_receive_buffers(
 
 /// Write the front of `data` into one receive chain; returns how many bytes it got. A chain
 /// without writable buffers, or a malformed one, gets none (debug log).
-fn deliver(dma: &DmaSnapshot, chain: DescriptorChain<&DmaMemory>, data: &[u8]) -> u32 {
+fn deliver(dma: &DmaSnapshot, chain: Chain<'_>, data: &[u8]) -> u32 {
     let head = chain.head_index();
     let buffers = match parse_chain(chain, MAX_DESCRIPTORS) {
         Ok(b) => b,
@@ -307,7 +307,7 @@ fn transmit(
     output: &mut Output,
     scratch: &mut Vec<u8>,
     dma: &DmaSnapshot,
-    chain: DescriptorChain<&DmaMemory>,
+    chain: Chain<'_>,
 ) -> u32 {
     let head = chain.head_index();
     let buffers = match parse_chain(chain, MAX_DESCRIPTORS) {

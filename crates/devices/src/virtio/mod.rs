@@ -35,9 +35,8 @@ pub mod vsock;
 
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 
-use dma::DmaMemory;
 pub use dma::{DmaError, DmaSnapshot, DmaSpace};
 
 /// Feature bits, as masks.
@@ -310,7 +309,7 @@ impl VirtioCommon {
     pub fn process_queue(
         &mut self,
         index: u16,
-        mut handle: impl FnMut(&DmaSnapshot, DescriptorChain<&DmaMemory>) -> u32,
+        mut handle: impl FnMut(&DmaSnapshot, queue::Chain<'_>) -> u32,
     ) {
         self.serve(index, |queue, snapshot| {
             queue::drain(queue, snapshot, |chain| handle(snapshot, chain))
@@ -343,11 +342,11 @@ impl VirtioCommon {
             return;
         }
         let snapshot = active.dma.snapshot();
+        // Where the used ring stood: the driver's used_event is looked for from here.
+        let old_used = queue.next_used();
         let result = serve(queue, &snapshot).and_then(|used| {
             if used {
-                queue
-                    .needs_notification(snapshot.memory())
-                    .map_err(queue::QueueError::Ring)
+                queue::needs_notification(queue, &snapshot, old_used)
             } else {
                 Ok(false)
             }

@@ -1,33 +1,50 @@
-//! Serving a split virtqueue with virtio-queue, plus the checks it does not make.
+//! Serving a split virtqueue: virtio-queue's `Queue` keeps the queue's configuration and
+//! positions and turns notifications on and off; the per-request work (available entries,
+//! descriptors, used entries) is done here through a [`Ring`], which resolves the three ring
+//! areas to host slices once per batch instead of translating every access (vm-memory's generic
+//! path costs ~40 ns an access here, and a request makes six or more).
 //!
-//! What virtio-queue 0.18 checks and what it does not (read from its source):
+//! Everything in the rings is written by the guest and read here once, into a local value,
+//! before it is checked and used: the driver may change ring memory at any time and can only
+//! hurt itself by it. What is checked:
 //!
-//! - `Queue::iter` refuses a queue that is not ready and an available index more than the queue
-//!   size ahead, but `pop_descriptor_chain` turns those errors, and a failed read of the
-//!   available ring, into `None`, which looks like an empty queue. [`drain`] reads the available
-//!   index itself and pops exactly that many heads, so a ring fault is an error here.
-//! - A chain's iterator stops silently on a loop (it counts down from the queue size), a `next`
-//!   index out of range, an unreadable descriptor, a bad indirect table (nested, misaligned,
-//!   empty) and a total length over 4 GiB. [`parse_chain`] tells these from a proper end: a
-//!   chain ends properly only if its last descriptor has no NEXT flag.
-//! - It does not check descriptor order (readable before writable), buffer addresses, or a head
-//!   index against the queue size (`add_used` does, too late). Those are checked here or by the
-//!   [`DmaSnapshot`] accessors when a buffer is used.
+//! - [`drain`] and [`fill`] read the available index and pop exactly that many heads; an index
+//!   more than the queue size ahead, an unreadable ring or a head index outside the queue is a
+//!   [`QueueError`] (virtio-queue's own iterator would make these look like an empty queue).
+//! - A [`Chain`] walks descriptors with virtio-queue's rules: at most the table's size (a loop
+//!   ends there), a `next` index inside the table, one level of indirect table whose length is
+//!   a multiple of 16, under 4 GiB in total. It stops silently on those; [`parse_chain`] tells
+//!   a proper end (last descriptor without NEXT) from a cut-short chain and checks that readable
+//!   buffers come before writable ones. Buffer addresses are checked by the [`DmaSnapshot`]
+//!   accessors when a buffer is used.
+//! - With translation on, or a ring split over two memory regions or IOMMU mappings, the same
+//!   accesses go through the [`DmaSnapshot`] one at a time (same checks, slower).
 
 use std::num::Wrapping;
-use std::ops::Deref;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{Ordering, fence};
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemory;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, VolatileMemory, VolatileSlice};
 
-use super::dma::{DmaMemory, DmaSnapshot, SgList};
+use super::dma::{Access, DmaSnapshot, SgList};
+
+/// Descriptor table entry size (virtio 1.2, 2.7.5).
+const DESC_SIZE: u64 = 16;
+/// Flags, index, and the trailing event field of the available and used rings (2.7.6, 2.7.8).
+const RING_META: u64 = 6;
+const AVAIL_ELEM: u64 = 2;
+const USED_ELEM: u64 = 8;
+/// Where the rings' entries start (after flags and index).
+const RING_ENTRIES: u64 = 4;
 
 /// A queue the device cannot serve any more: it needs a reset.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("Cannot access the queue's rings")]
     Ring(#[source] virtio_queue::Error),
+    #[error("Cannot access the queue's {0} ring")]
+    RingAccess(&'static str),
     #[error("Driver made {pending} buffers available in a queue of {size}")]
     TooManyAvailable { pending: u16, size: u16 },
     #[error("Cannot read available ring entry {index}")]
@@ -67,17 +84,291 @@ pub struct ChainFault {
     pub status: Option<u64>,
 }
 
+/// A descriptor table (the ring's or an indirect one): its guest address and, when it is one
+/// host slice, that slice.
+#[derive(Clone)]
+struct Table<'a> {
+    addr: u64,
+    host: Option<VolatileSlice<'a, ()>>,
+}
+
+impl Table<'_> {
+    /// Entry `index`, read once. `None` if it cannot be read.
+    fn read(&self, dma: &DmaSnapshot, index: u16) -> Option<Descriptor> {
+        let offset = u64::from(index) * DESC_SIZE;
+        match &self.host {
+            // The slice holds every entry of the table: index < entries, checked by the caller.
+            Some(host) => Some(host.get_ref::<Descriptor>(offset as usize).ok()?.load()),
+            None => dma.read_obj(self.addr.checked_add(offset)?).ok(),
+        }
+    }
+}
+
+/// The descriptors of one chain, with virtio-queue's iteration rules (`DescriptorChain`): it
+/// ends after a descriptor without NEXT, and stops early (silently; [`parse_chain`] tells) on
+/// a loop, a `next` outside the table, an unreadable descriptor, a second level of indirect
+/// table, an indirect table whose length is not a multiple of 16, or 4 GiB of buffers.
+pub struct Chain<'a> {
+    dma: &'a DmaSnapshot,
+    table: Table<'a>,
+    /// Entries in the table being walked.
+    entries: u16,
+    head: u16,
+    next: u16,
+    /// Descriptors that may still be read from this table (a loop runs out).
+    ttl: u16,
+    yielded: u32,
+    indirect: bool,
+}
+
+impl<'a> Chain<'a> {
+    /// The chain starting at descriptor `head` of the queue's table.
+    fn new(dma: &'a DmaSnapshot, table: Table<'a>, entries: u16, head: u16) -> Self {
+        Self {
+            dma,
+            table,
+            entries,
+            head,
+            next: head,
+            ttl: entries,
+            yielded: 0,
+            indirect: false,
+        }
+    }
+
+    /// The chain's head index, which identifies it in the used ring.
+    pub fn head_index(&self) -> u16 {
+        self.head
+    }
+
+    /// Go on in the indirect table `desc` points at; `None` if it is not a valid one.
+    fn enter_indirect(&mut self, desc: &Descriptor) -> Option<()> {
+        if self.indirect || u64::from(desc.len()) % DESC_SIZE != 0 {
+            return None;
+        }
+        let entries = u16::try_from(u64::from(desc.len()) / DESC_SIZE).ok()?;
+        let addr = desc.addr().0;
+        // One translation for the whole table; a table split over regions is read entry by
+        // entry instead.
+        let host = self
+            .dma
+            .contiguous(addr, u64::from(desc.len()), Access::Read);
+        self.table = Table { addr, host };
+        self.entries = entries;
+        self.next = 0;
+        self.ttl = entries;
+        self.indirect = true;
+        Some(())
+    }
+}
+
+impl Iterator for Chain<'_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        loop {
+            if self.ttl == 0 || self.next >= self.entries {
+                return None;
+            }
+            let desc = self.table.read(self.dma, self.next)?;
+            if desc.refers_to_indirect_table() {
+                self.enter_indirect(&desc)?;
+                continue;
+            }
+            // A chain over 4 GiB is illegal (2.7.5.2): stop there.
+            self.yielded = self.yielded.checked_add(desc.len())?;
+            if desc.has_next() {
+                self.next = desc.next();
+                self.ttl -= 1;
+            } else {
+                self.ttl = 0;
+            }
+            return Some(desc);
+        }
+    }
+}
+
+/// One queue's rings for one batch of work: the descriptor table, available ring and used ring
+/// resolved to host slices once (each checked whole for its access), falling back to one
+/// checked access at a time through the [`DmaSnapshot`] for a part that is not one slice.
+/// Positions stay in virtio-queue's `Queue` (`next_avail`, `next_used`).
+pub struct Ring<'a, 'q> {
+    queue: &'q mut Queue,
+    dma: &'a DmaSnapshot,
+    size: u16,
+    desc: Table<'a>,
+    avail: u64,
+    avail_host: Option<VolatileSlice<'a, ()>>,
+    used: u64,
+    used_host: Option<VolatileSlice<'a, ()>>,
+}
+
+impl<'a, 'q> Ring<'a, 'q> {
+    pub fn new(queue: &'q mut Queue, dma: &'a DmaSnapshot) -> Self {
+        let size = queue.size();
+        let n = u64::from(size);
+        let desc = queue.desc_table();
+        let (avail, used) = (queue.avail_ring(), queue.used_ring());
+        Self {
+            desc: Table {
+                addr: desc,
+                host: dma.contiguous(desc, n * DESC_SIZE, Access::Read),
+            },
+            avail_host: dma.contiguous(avail, RING_META + n * AVAIL_ELEM, Access::Read),
+            used_host: dma.contiguous(used, RING_META + n * USED_ELEM, Access::Write),
+            avail,
+            used,
+            size,
+            queue,
+            dma,
+        }
+    }
+
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    pub fn next_avail(&self) -> u16 {
+        self.queue.next_avail()
+    }
+
+    /// Move the available position back to `index` (chains popped since then are served
+    /// again later).
+    pub fn rewind(&mut self, index: u16) {
+        self.queue.set_next_avail(index);
+    }
+
+    /// The driver's available index (acquire: entries it published before are visible).
+    fn avail_idx(&self) -> Result<u16, QueueError> {
+        let v = match &self.avail_host {
+            Some(h) => h.load::<u16>(2, Ordering::Acquire).ok(),
+            None => self.avail.checked_add(2).and_then(|a| {
+                self.dma
+                    .memory()
+                    .load(GuestAddress(a), Ordering::Acquire)
+                    .ok()
+            }),
+        };
+        v.map(u16::from_le)
+            .ok_or(QueueError::RingAccess("available"))
+    }
+
+    /// Chains made available and not yet popped, checked against the queue size.
+    pub fn pending(&self) -> Result<u16, QueueError> {
+        let avail = self.avail_idx()?;
+        let pending = avail.wrapping_sub(self.queue.next_avail());
+        if pending > self.size {
+            return Err(QueueError::TooManyAvailable {
+                pending,
+                size: self.size,
+            });
+        }
+        Ok(pending)
+    }
+
+    /// Take the next available chain (the caller checked [`Ring::pending`]). Its head index
+    /// is read once and checked against the queue size.
+    pub fn pop(&mut self) -> Result<Chain<'a>, QueueError> {
+        let index = self.queue.next_avail();
+        let offset = RING_ENTRIES + u64::from(index % self.size) * AVAIL_ELEM;
+        let head = match &self.avail_host {
+            Some(h) => h.get_ref::<u16>(offset as usize).ok().map(|r| r.load()),
+            None => self
+                .avail
+                .checked_add(offset)
+                .and_then(|a| self.dma.read_obj::<u16>(a).ok()),
+        }
+        .map(u16::from_le)
+        .ok_or(QueueError::AvailEntry { index })?;
+        if head >= self.size {
+            return Err(QueueError::BadHead {
+                head,
+                size: self.size,
+            });
+        }
+        self.queue.set_next_avail(index.wrapping_add(1));
+        Ok(Chain::new(self.dma, self.desc.clone(), self.size, head))
+    }
+
+    /// Return chain `head` to the driver with `len` bytes written: the used element, then the
+    /// used index (release: the element and the buffers' contents are visible first).
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
+        let next = self.queue.next_used();
+        let offset = RING_ENTRIES + u64::from(next % self.size) * USED_ELEM;
+        // virtq_used_elem: le32 id, le32 len.
+        let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
+        let new = next.wrapping_add(1);
+        let ok = match &self.used_host {
+            Some(h) => {
+                h.get_ref::<u64>(offset as usize)
+                    .map(|r| r.store(elem))
+                    .is_ok()
+                    && h.store(new.to_le(), 2, Ordering::Release).is_ok()
+            }
+            None => {
+                let mem = self.dma.memory();
+                self.used.checked_add(offset).is_some_and(|a| {
+                    mem.write_obj(elem, GuestAddress(a)).is_ok()
+                        && mem
+                            .store(new.to_le(), GuestAddress(self.used + 2), Ordering::Release)
+                            .is_ok()
+                })
+            }
+        };
+        if !ok {
+            return Err(QueueError::RingAccess("used"));
+        }
+        self.queue.set_next_used(new);
+        Ok(())
+    }
+
+    /// Ask the driver to notify when it makes chains available; returns whether some arrived
+    /// meanwhile (look again before sleeping).
+    pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
+        self.queue
+            .enable_notification(self.dma.memory())
+            .map_err(QueueError::Ring)
+    }
+
+    /// Ask the driver not to notify (without EVENT_IDX; with it, notifications stay off until
+    /// re-enabled anyway).
+    pub fn disable_notification(&mut self) -> Result<(), QueueError> {
+        self.queue
+            .disable_notification(self.dma.memory())
+            .map_err(QueueError::Ring)
+    }
+}
+
+/// Whether the driver wants an interrupt for the chains returned since the used index was
+/// `old_used` (virtio 1.2, 2.7.10): always without EVENT_IDX, else if its `used_event` lies in
+/// `[old_used, next_used)` (the same window test as Linux's `vring_need_event`).
+pub fn needs_notification(
+    queue: &Queue,
+    dma: &DmaSnapshot,
+    old_used: u16,
+) -> Result<bool, QueueError> {
+    // The used ring's writes come before the read of used_event.
+    fence(Ordering::SeqCst);
+    if !queue.event_idx_enabled() {
+        return Ok(true);
+    }
+    let at = queue
+        .avail_ring()
+        .checked_add(RING_ENTRIES + u64::from(queue.size()) * AVAIL_ELEM)
+        .ok_or(QueueError::RingAccess("available"))?;
+    let used_event: u16 = dma
+        .memory()
+        .load(GuestAddress(at), Ordering::Relaxed)
+        .map(u16::from_le)
+        .map_err(|_| QueueError::RingAccess("available"))?;
+    let new = Wrapping(queue.next_used());
+    Ok(new - Wrapping(used_event) - Wrapping(1) < new - Wrapping(old_used))
+}
+
 /// Walk a chain (following an indirect table) into its readable and writable buffers. At most
 /// `max_descriptors` are read. Buffer addresses are not checked here: every later access goes
 /// through a [`DmaSnapshot`], which does.
-pub fn parse_chain<M>(
-    chain: DescriptorChain<M>,
-    max_descriptors: usize,
-) -> Result<ChainBuffers, ChainFault>
-where
-    M: Deref,
-    M::Target: GuestMemory,
-{
+pub fn parse_chain(chain: Chain<'_>, max_descriptors: usize) -> Result<ChainBuffers, ChainFault> {
     let mut out = ChainBuffers::default();
     let mut count = 0usize;
     let mut last = None;
@@ -130,7 +421,7 @@ where
 pub fn drain(
     queue: &mut Queue,
     dma: &DmaSnapshot,
-    mut handle: impl FnMut(DescriptorChain<&DmaMemory>) -> u32,
+    mut handle: impl FnMut(Chain<'_>) -> u32,
 ) -> Result<bool, QueueError> {
     let mut used_any = false;
     drain_until(
@@ -153,39 +444,26 @@ pub fn drain_until<S>(
     state: &mut S,
     used: &mut bool,
     mut stop: impl FnMut(&mut S) -> bool,
-    mut handle: impl FnMut(&mut S, DescriptorChain<&DmaMemory>) -> u32,
+    mut handle: impl FnMut(&mut S, Chain<'_>) -> u32,
 ) -> Result<bool, QueueError> {
-    let mem = dma.memory();
-    let size = queue.size();
+    let mut ring = Ring::new(queue, dma);
     loop {
         // With EVENT_IDX, notifications stay off until re-armed below; without it, the
         // NO_NOTIFY flag keeps the driver from kicking while we work.
-        queue.disable_notification(mem).map_err(QueueError::Ring)?;
-        let avail = queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(QueueError::Ring)?;
-        let pending = (avail - Wrapping(queue.next_avail())).0;
-        if pending > size {
-            return Err(QueueError::TooManyAvailable { pending, size });
-        }
+        ring.disable_notification()?;
+        let pending = ring.pending()?;
         for _ in 0..pending {
             if stop(state) {
                 return Ok(true);
             }
-            let index = queue.next_avail();
-            let chain = queue
-                .pop_descriptor_chain(mem)
-                .ok_or(QueueError::AvailEntry { index })?;
+            let chain = ring.pop()?;
             let head = chain.head_index();
-            if head >= size {
-                return Err(QueueError::BadHead { head, size });
-            }
             let len = handle(state, chain);
-            queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
+            ring.add_used(head, len)?;
             *used = true;
         }
         // enable_notification reports buffers that arrived since we last looked.
-        if !queue.enable_notification(mem).map_err(QueueError::Ring)? {
+        if !ring.enable_notification()? {
             return Ok(false);
         }
     }
@@ -214,41 +492,28 @@ pub fn fill<S, T>(
     state: &mut S,
     used: &mut bool,
     mut want: impl FnMut(&mut S) -> Option<T>,
-    mut handle: impl FnMut(&mut S, T, DescriptorChain<&DmaMemory>) -> Option<u32>,
+    mut handle: impl FnMut(&mut S, T, Chain<'_>) -> Option<u32>,
 ) -> Result<FillEnd, QueueError> {
-    let mem = dma.memory();
-    let size = queue.size();
+    let mut ring = Ring::new(queue, dma);
     loop {
         let Some(item) = want(state) else {
             return Ok(FillEnd::Satisfied);
         };
-        let avail = queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(QueueError::Ring)?;
-        let pending = (avail - Wrapping(queue.next_avail())).0;
-        if pending > size {
-            return Err(QueueError::TooManyAvailable { pending, size });
-        }
-        if pending == 0 {
+        if ring.pending()? == 0 {
             // enable_notification reports buffers posted since we looked.
-            if queue.enable_notification(mem).map_err(QueueError::Ring)? {
+            if ring.enable_notification()? {
                 continue;
             }
             return Ok(FillEnd::OutOfBuffers);
         }
-        let index = queue.next_avail();
-        let chain = queue
-            .pop_descriptor_chain(mem)
-            .ok_or(QueueError::AvailEntry { index })?;
+        let index = ring.next_avail();
+        let chain = ring.pop()?;
         let head = chain.head_index();
-        if head >= size {
-            return Err(QueueError::BadHead { head, size });
-        }
         let Some(len) = handle(state, item, chain) else {
-            queue.go_to_previous_position();
+            ring.rewind(index);
             return Ok(FillEnd::PutBack);
         };
-        queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
+        ring.add_used(head, len)?;
         *used = true;
     }
 }

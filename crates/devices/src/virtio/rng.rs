@@ -10,10 +10,10 @@ use std::io;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::Queue;
 
-use super::dma::{Access, DmaMemory, DmaSnapshot};
-use super::queue::parse_chain;
+use super::dma::{Access, DmaSnapshot};
+use super::queue::{Chain, parse_chain};
 use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
 
 /// Largest request queue the driver may set up.
@@ -122,7 +122,7 @@ fn handle_chain(
     source: &mut dyn EntropySource,
     scratch: &mut Vec<u8>,
     dma: &DmaSnapshot,
-    chain: DescriptorChain<&DmaMemory>,
+    chain: Chain<'_>,
 ) -> u32 {
     let head = chain.head_index();
     let buffers = match parse_chain(chain, MAX_DESCRIPTORS) {

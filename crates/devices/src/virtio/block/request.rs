@@ -10,12 +10,11 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::DescriptorChain;
 
 use super::backend::{BackendError, BlockBackend, SECTOR_SIZE};
 use super::{MAX_DISCARD_SECTORS, MAX_DWZ_SEGMENTS, MAX_WRITE_ZEROES_SECTORS, SEG_MAX};
-use crate::virtio::dma::{DmaMemory, DmaSnapshot, SgList};
-use crate::virtio::queue::parse_chain;
+use crate::virtio::dma::{DmaSnapshot, SgList};
+use crate::virtio::queue::{Chain, parse_chain};
 
 /// Header: type (le32), reserved/ioprio (le32), sector (le64).
 const HEADER_LEN: u64 = 16;
@@ -88,11 +87,7 @@ pub(super) struct Context<'a> {
 
 /// Serve one chain; returns the used length (bytes written into the chain). A chain without a
 /// reachable status byte is returned unanswered (length 0) with a debug log.
-pub(super) fn handle_chain(
-    ctx: &Context<'_>,
-    dma: &DmaSnapshot,
-    chain: DescriptorChain<&DmaMemory>,
-) -> u32 {
+pub(super) fn handle_chain(ctx: &Context<'_>, dma: &DmaSnapshot, chain: Chain<'_>) -> u32 {
     let head = chain.head_index();
     let (readable, mut writable) = match parse_chain(chain, MAX_DESCRIPTORS) {
         Ok(b) => (b.readable, b.writable),

@@ -9,12 +9,11 @@
 
 use std::collections::BTreeMap;
 
-use virtio_queue::DescriptorChain;
 use vm_memory::Permissions;
 
 use super::{Domain, MSI_END, MSI_START, Mapping, PROBE_SIZE, QUEUE_SIZE, State, Status, feature};
-use crate::virtio::dma::{DmaIommu, DmaMemory, DmaSnapshot};
-use crate::virtio::queue::parse_chain;
+use crate::virtio::dma::{DmaIommu, DmaSnapshot};
+use crate::virtio::queue::{Chain, parse_chain};
 
 pub const T_ATTACH: u8 = 1;
 pub const T_DETACH: u8 = 2;
@@ -75,7 +74,7 @@ pub(super) fn handle_chain(
     state: &mut State,
     acked: u64,
     dma: &DmaSnapshot,
-    chain: DescriptorChain<&DmaMemory>,
+    chain: Chain<'_>,
 ) -> u32 {
     let head = chain.head_index();
     let bufs = match parse_chain(chain, usize::from(QUEUE_SIZE)) {

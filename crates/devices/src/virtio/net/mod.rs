@@ -31,7 +31,6 @@ use std::mem::offset_of;
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
@@ -41,13 +40,13 @@ use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_S_LINK_UP, virtio_net_config,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::Queue;
 
 pub use tap::{Tap, TapError};
 
-use super::dma::{Access, DmaMemory, DmaRange, SgList};
+use super::dma::{Access, DmaRange, SgList};
 use super::features::bit;
-use super::queue::QueueError;
+use super::queue::{Chain, QueueError, Ring};
 use super::{ActivateError, DmaSnapshot, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
 
 /// Size of `virtio_net_hdr_v1`, the header before every frame (VERSION_1 layout, with
@@ -337,7 +336,7 @@ fn offload_allowed(hdr: &[u8], acked: u64) -> bool {
 /// with its header.
 fn transmit<B: NetBackend>(
     dma: &DmaSnapshot,
-    chain: DescriptorChain<&DmaMemory>,
+    chain: Chain<'_>,
     buf: &mut [u8],
     backend: &mut B,
     neg: Negotiated,
@@ -466,13 +465,13 @@ impl Rx {
         stats: &mut NetStats,
         used: &mut bool,
     ) -> Result<(), QueueError> {
-        let mem = dma.memory();
+        let mut ring = Ring::new(queue, dma);
         // Kicks are only wanted when the device runs out of buffers (see buffers_available).
-        queue.disable_notification(mem).map_err(QueueError::Ring)?;
+        ring.disable_notification()?;
         loop {
             if self.pending == 0 {
                 // Read only what the guest can take: frames stay in the kernel's queue.
-                if !buffers_available(queue, mem)? {
+                if !buffers_available(&mut ring)? {
                     return Ok(());
                 }
                 match backend.read_frame(&mut [IoSliceMut::new(&mut self.buf)]) {
@@ -495,7 +494,7 @@ impl Rx {
                     self.buf[0] = 0;
                 }
             }
-            match self.deliver(queue, dma, neg.mrg_rxbuf, stats, used)? {
+            match self.deliver(&mut ring, dma, neg.mrg_rxbuf, stats, used)? {
                 Delivery::Done => {
                     stats.rx_frames += 1;
                     stats.rx_bytes += self.pending as u64;
@@ -517,39 +516,32 @@ impl Rx {
     /// Put the pending frame into the guest's receive chains.
     fn deliver(
         &mut self,
-        queue: &mut Queue,
+        ring: &mut Ring<'_, '_>,
         dma: &DmaSnapshot,
         mrg_rxbuf: bool,
         stats: &mut NetStats,
         used: &mut bool,
     ) -> Result<Delivery, QueueError> {
-        let mem = dma.memory();
-        let size = queue.size();
+        let size = ring.size();
         let frame_len = self.pending;
         self.chains.clear();
         self.ranges.clear();
         self.held_bad.clear();
         // Where to rewind the available ring if the frame cannot go now.
-        let mut start = queue.next_avail();
+        let mut start = ring.next_avail();
         let mut capacity = 0usize;
         while capacity < frame_len {
-            if (Wrapping(queue.next_avail()) - Wrapping(start)).0 >= size {
+            if (Wrapping(ring.next_avail()) - Wrapping(start)).0 >= size {
                 // Every buffer the ring can hold is not enough: the frame can never go.
-                queue.set_next_avail(start);
+                ring.rewind(start);
                 return Ok(Delivery::Dropped("larger than the whole receive ring"));
             }
-            if !buffers_available(queue, mem)? {
-                queue.set_next_avail(start);
+            if !buffers_available(ring)? {
+                ring.rewind(start);
                 return Ok(Delivery::Wait);
             }
-            let index = queue.next_avail();
-            let chain = queue
-                .pop_descriptor_chain(mem)
-                .ok_or(QueueError::AvailEntry { index })?;
+            let chain = ring.pop()?;
             let head = chain.head_index();
-            if head >= size {
-                return Err(QueueError::BadHead { head, size });
-            }
             let first = self.ranges.len();
             match parse_rx_chain(chain, dma, &mut self.ranges) {
                 Err(e) => {
@@ -557,9 +549,9 @@ impl Rx {
                     stats.rx_bad_chains += 1;
                     tracing::debug!(head, "virtio-net: receive chain returned unused: {e}");
                     if self.chains.is_empty() {
-                        queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
+                        ring.add_used(head, 0)?;
                         *used = true;
-                        start = queue.next_avail();
+                        start = ring.next_avail();
                     } else {
                         self.held_bad.push(head);
                     }
@@ -568,7 +560,7 @@ impl Rx {
                     if !mrg_rxbuf && chain_capacity < frame_len {
                         // The driver sized its buffers for the largest frame it accepts; the
                         // chain is fine for the next one.
-                        queue.set_next_avail(start);
+                        ring.rewind(start);
                         return Ok(Delivery::Dropped("larger than the receive buffer"));
                     }
                     self.chains.push(RxChain {
@@ -586,7 +578,7 @@ impl Rx {
         let num_buffers = u16::try_from(self.chains.len()).unwrap_or(u16::MAX);
         self.buf[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
         for &head in &self.held_bad {
-            queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
+            ring.add_used(head, 0)?;
         }
         let mut offset = 0usize;
         for c in &self.chains {
@@ -606,7 +598,7 @@ impl Rx {
             }
             // take <= MAX_FRAME_LEN.
             let len = u32::try_from(take).unwrap_or(u32::MAX);
-            queue.add_used(mem, c.head, len).map_err(QueueError::Ring)?;
+            ring.add_used(c.head, len)?;
             offset = end;
         }
         *used = true;
@@ -617,20 +609,12 @@ impl Rx {
 /// Whether the driver has made a chain available. When it has not, ask it to notify the device
 /// when it does (with EVENT_IDX: at the next buffer), then look once more, since it may have
 /// added one before it could see the request.
-fn buffers_available(queue: &mut Queue, mem: &DmaMemory) -> Result<bool, QueueError> {
-    let size = queue.size();
-    let avail = queue
-        .avail_idx(mem, Ordering::Acquire)
-        .map_err(QueueError::Ring)?;
-    let pending = (avail - Wrapping(queue.next_avail())).0;
-    if pending > size {
-        return Err(QueueError::TooManyAvailable { pending, size });
-    }
-    if pending > 0 {
+fn buffers_available(ring: &mut Ring<'_, '_>) -> Result<bool, QueueError> {
+    if ring.pending()? > 0 {
         return Ok(true);
     }
-    if queue.enable_notification(mem).map_err(QueueError::Ring)? {
-        queue.disable_notification(mem).map_err(QueueError::Ring)?;
+    if ring.enable_notification()? {
+        ring.disable_notification()?;
         return Ok(true);
     }
     Ok(false)
@@ -639,7 +623,7 @@ fn buffers_available(queue: &mut Queue, mem: &DmaMemory) -> Result<bool, QueueEr
 /// Check a receive chain (device-writable buffers only, every one reachable) and append its
 /// buffers to `ranges`. Returns its capacity, counted up to [`MAX_FRAME_LEN`].
 fn parse_rx_chain(
-    chain: DescriptorChain<&DmaMemory>,
+    chain: Chain<'_>,
     dma: &DmaSnapshot,
     ranges: &mut Vec<DmaRange>,
 ) -> Result<usize, RxChainError> {

@@ -31,10 +31,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::Queue;
 
-use super::dma::{DmaMemory, DmaSnapshot};
-use super::queue::{QueueError, drain_until, fill, parse_chain};
+use super::dma::DmaSnapshot;
+use super::queue::{Chain, QueueError, drain_until, fill, parse_chain};
 use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
 
 pub use muxer::{CONN_BUF_SIZE, MAX_CONNECTIONS, MAX_PAYLOAD};
@@ -249,7 +249,7 @@ fn fill_rx_chain(
     dma: &DmaSnapshot,
     muxer: &mut Muxer,
     buf: &mut [u8],
-    chain: DescriptorChain<&DmaMemory>,
+    chain: Chain<'_>,
 ) -> Option<u32> {
     let head = chain.head_index();
     let writable = match parse_chain(chain, MAX_DESCRIPTORS) {
@@ -311,7 +311,7 @@ fn handle_tx(
     buf: &mut [u8],
     guest_cid: u64,
     dma: &DmaSnapshot,
-    chain: DescriptorChain<&DmaMemory>,
+    chain: Chain<'_>,
 ) -> u32 {
     let head = chain.head_index();
     let mut header_sg = match parse_chain(chain, MAX_DESCRIPTORS) {
