@@ -29,8 +29,9 @@
 //! [`NetBackend::write_frame`] on its [`SwitchPort`] (under its own device lock, then the
 //! switch's: the switch never takes a device lock); the switch pushes the frame to the target
 //! port's queue and, when that queue was empty, writes the port's eventfd. The VMM watches that
-//! eventfd **edge-triggered** as it does a tap (it is the port's [`AsRawFd`]) and calls the
-//! device's `process_backend`, which reads the queue while the guest has buffers. The uplink's
+//! eventfd (the port's [`AsRawFd`]) **edge-triggered** as it does a tap, or level-triggered
+//! with [`SwitchPort::clear_wake`] first, and calls the device's `process_backend`, which reads
+//! the queue while the guest has buffers. The uplink's
 //! fd is watched **level-triggered** and [`Switch::uplink_input`] reads a bounded batch per call:
 //! the switch reads the tap whatever the guests' buffers, and drops into full queues.
 
@@ -681,6 +682,17 @@ impl SwitchPort {
         &self.switch
     }
 
+    /// Reset the port's eventfd. With a level-triggered watch, call it before the device's
+    /// `process_backend`: that reads the queue only while the guest has buffers, and frames
+    /// left then wait for the guest's receive kick, not for the eventfd.
+    pub fn clear_wake(&self) {
+        match self.event.read() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => tracing::warn!(port = self.id, "virtio-net switch: eventfd read: {e}"),
+        }
+    }
+
     /// The address assigned to the port.
     pub fn mac(&self) -> Option<Mac> {
         match lock(&self.switch.inner).ports.get(self.id) {
@@ -698,7 +710,7 @@ impl Drop for SwitchPort {
 
 impl AsRawFd for SwitchPort {
     /// The port's eventfd: readable when frames arrive in an empty queue. Watch it
-    /// edge-triggered.
+    /// edge-triggered (or see [`SwitchPort::clear_wake`]).
     fn as_raw_fd(&self) -> RawFd {
         self.event.as_raw_fd()
     }

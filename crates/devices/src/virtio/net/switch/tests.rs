@@ -417,6 +417,10 @@ fn the_eventfd_fires_when_an_empty_queue_fills() {
     assert!(!readable(&b));
     send(&mut a, &frame(mac(2), mac(1), 2));
     assert!(readable(&b));
+    // For a level-triggered watch: cleared by hand, the frame still queued.
+    b.clear_wake();
+    assert!(!readable(&b));
+    assert_eq!(sw.queued(b.id()), 1);
 }
 
 #[test]
