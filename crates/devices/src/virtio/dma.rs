@@ -716,6 +716,62 @@ impl DmaSnapshot {
             }
         }
     }
+
+    /// Receive one packet from `fd` with one `readv` straight into the DMA space: into `sg`
+    /// (every range checked writable first), then, past its end, into `tail` (host memory for
+    /// the part of a packet longer than the guest's buffers). Returns the packet's length as
+    /// the call gave it; an interrupted call is retried, any other failure (including
+    /// `WouldBlock`) is [`DmaError::Io`] with nothing received.
+    pub fn read_fd(&self, fd: RawFd, sg: &SgList, tail: &mut [u8]) -> Result<usize, DmaError> {
+        let slices = self.slices(sg, Access::Write)?;
+        if slices.len() >= IOV_MAX {
+            return Err(DmaError::ShortIo {
+                done: 0,
+                len: sg.len(),
+            });
+        }
+        // The guards keep each host mapping in place while the kernel writes through it.
+        let guards: SmallVec<[_; 8]> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+        let mut iovs: SmallVec<[libc::iovec; 8]> = guards
+            .iter()
+            .map(|g| libc::iovec {
+                iov_base: g.as_ptr().cast(),
+                iov_len: g.len(),
+            })
+            .collect();
+        iovs.push(libc::iovec {
+            iov_base: tail.as_mut_ptr().cast(),
+            iov_len: tail.len(),
+        });
+        // At most IOV_MAX iovecs, checked above.
+        let count = libc::c_int::try_from(iovs.len()).unwrap_or(libc::c_int::MAX);
+        let result = loop {
+            // SAFETY: every iovec but the last points into guest memory that `slices` (borrowed
+            // from the snapshot, so mapped for its lifetime) checked as writable for its whole
+            // length, the last into `tail`, borrowed mutably for the call; readv writes only
+            // inside them.
+            let n = unsafe { libc::readv(fd, iovs.as_ptr(), count) };
+            match usize::try_from(n) {
+                Ok(n) => break Ok(n),
+                Err(_) => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        break Err(DmaError::Io(e));
+                    }
+                }
+            }
+        };
+        if let Ok(n) = result {
+            // Dirty-page tracking (migration): the kernel wrote through raw pointers.
+            let mut left = n;
+            for s in &slices {
+                let k = left.min(s.len());
+                s.bitmap().mark_dirty(0, k);
+                left -= k;
+            }
+        }
+        result
+    }
 }
 
 /// One writable byte of a [`DmaSnapshot`], checked when it was taken: writing it cannot fail.
@@ -1036,6 +1092,41 @@ mod tests {
             s.write_fd(tx.as_raw_fd(), &one),
             Err(DmaError::Io(_))
         ));
+    }
+
+    #[test]
+    fn read_fd_receives_one_packet_into_guest_buffers_then_the_tail() {
+        let phys = mem();
+        let dma = DmaSpace::identity(phys.clone());
+        let s = dma.snapshot();
+        let (tx, rx) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        rx.set_nonblocking(true).unwrap();
+        // Two buffers in two regions, 24 bytes, then a host tail.
+        let mut sg = SgList::new();
+        sg.push(0xfff0, 16);
+        sg.push(0x20000, 8);
+        let pkt: Vec<u8> = (0..40u8).collect();
+        tx.send(&pkt).unwrap();
+        let mut tail = [0u8; 64];
+        assert_eq!(s.read_fd(rx.as_raw_fd(), &sg, &mut tail).unwrap(), 40);
+        let mut got = [0u8; 24];
+        s.read_sg(&sg, &mut got).unwrap();
+        assert_eq!(&got[..], &pkt[..24]);
+        assert_eq!(&tail[..16], &pkt[24..]);
+        // Nothing waiting: WouldBlock, as an I/O error.
+        match s.read_fd(rx.as_raw_fd(), &sg, &mut tail) {
+            Err(DmaError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+            other => panic!("{other:?}"),
+        }
+        // A buffer in the hole: refused before the call, the packet stays queued.
+        tx.send(&pkt).unwrap();
+        let mut bad = SgList::new();
+        bad.push(0x18000, 8);
+        assert!(matches!(
+            s.read_fd(rx.as_raw_fd(), &bad, &mut tail),
+            Err(DmaError::Unreachable { .. })
+        ));
+        assert_eq!(s.read_fd(rx.as_raw_fd(), &sg, &mut tail).unwrap(), 40);
     }
 
     #[test]
