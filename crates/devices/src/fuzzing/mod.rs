@@ -8,6 +8,7 @@
 //!
 //! Compiled for tests and with the `fuzzing` feature only.
 
+mod dma;
 mod legacy;
 mod msix;
 mod net_switch;
@@ -19,6 +20,7 @@ mod virtio_net;
 mod virtio_pci;
 mod virtq;
 
+pub use dma::dma;
 pub use legacy::{cmos, fw_cfg, serial};
 pub use msix::msix_table;
 pub use net_switch::net_switch;

@@ -1,17 +1,18 @@
 //! `DmaSpace`: the only way a device touches guest memory.
 //!
 //! Every address a device is given (ring addresses, descriptor buffers) is an I/O virtual address
-//! in its DMA space. Today every space is the identity: IOVA = guest physical address. The type
-//! behind the space is already vm-memory's [`IommuMemory`] with translation switched off, so that
+//! in its DMA space: the identity (IOVA = guest physical address) unless the virtual IOMMU
+//! translates it. What a device accesses is a [`DmaMemory`], a vm-memory [`GuestMemory`] whose
+//! addresses are IOVAs (translation and its cache are in `dma/translate.rs`), so that
 //!
 //! - device code compiles only against the [`GuestMemory`] trait (IOVA-aware, permission-checked)
 //!   and can never take a shortcut through guest physical memory; virtio-queue translates rings
 //!   and descriptors through the same object with no per-device code;
-//! - putting a device behind the virtual IOMMU is a runtime change ([`DmaSpace::replace`] with
-//!   translation on), not a type change. Each device holds a [`DmaSpace`] handle, a
-//!   `GuestMemoryAtomic` over the current object: the VMM swaps the object when the guest toggles
-//!   translation, moves the endpoint between domains or memory is hot-plugged, and a device picks
-//!   the new one up at its next [`DmaSpace::snapshot`].
+//! - putting a device behind the virtual IOMMU is a runtime change
+//!   ([`DmaSpace::set_translation`]), not a type change. Each device holds a [`DmaSpace`] handle
+//!   over the current object (arc-swap): the IOMMU swaps it when the guest toggles
+//!   translation or moves the endpoint between domains, and a device picks the new one up at its
+//!   next [`DmaSpace::snapshot`].
 //!
 //! Accessors check bounds and permissions and return [`DmaError`]; no raw pointer leaves this
 //! module. Vectored file I/O into and out of guest memory ([`DmaSnapshot::read_file`],
@@ -20,25 +21,21 @@
 use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use arc_swap::ArcSwap;
 use smallvec::SmallVec;
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::iommu::{Error as IommuError, IotlbFails, IotlbIterator, IovaRange};
-use vm_memory::{
-    ByteValued, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
-    GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion, Iommu,
-    IommuMemory, Iotlb, Permissions, VolatileSlice,
-};
+use vm_memory::{ByteValued, GuestMemoryMmap, Permissions, VolatileSlice};
+
+mod translate;
+
+use translate::Space;
+pub use translate::{DmaIommu, DmaMemory, DmaSlices, IotlbStats};
 
 /// Guest physical memory as the VMM maps it into KVM.
 pub type PhysMemory = GuestMemoryMmap;
-
-/// What a device sees: guest memory behind an IOMMU that may be switched off (identity).
-/// The one type to change if the DMA model changes; nothing outside this module names the parts.
-pub type DmaMemory = IommuMemory<PhysMemory, DmaIommu>;
 
 /// Direction of a device's access to guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,195 +183,6 @@ pub trait FaultReporter: Send + Sync {
     fn report(&self, fault: DmaFault);
 }
 
-/// The IOTLB and its counters, shared by every endpoint of a domain.
-#[derive(Debug, Default)]
-struct Tlb {
-    map: RwLock<Iotlb>,
-    lookups: AtomicU64,
-    misses: AtomicU64,
-}
-
-/// Who an endpoint-specific [`DmaIommu`] reports faults as.
-#[derive(Clone)]
-struct FaultTarget {
-    endpoint: u32,
-    reporter: Arc<dyn FaultReporter>,
-    /// The endpoint is in no domain: every miss is [`FaultKind::Detached`].
-    detached: bool,
-}
-
-/// Translations looked up in an IOTLB and the ones refused (a refusal is a fault: mappings are
-/// filled eagerly, so a miss is never resolved later).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IotlbStats {
-    pub lookups: u64,
-    pub misses: u64,
-}
-
-/// The IOTLB of one IOMMU domain, shared by the devices attached to it.
-///
-/// Filled eagerly when the guest maps (never on a miss, which would need the write lock while a
-/// reader holds the read lock: DESIGN.md, caveat 2), emptied when it unmaps. A device built
-/// before an unmap keeps its translation until it drops its snapshot: the VMM quiesces the
-/// endpoint's queues before it completes UNMAP/DETACH.
-///
-/// [`DmaIommu::for_endpoint`] gives a handle on the same IOTLB that reports refused accesses as
-/// one endpoint's faults; the IOMMU device puts one such handle in each attached endpoint's
-/// [`DmaSpace`].
-#[derive(Clone, Default)]
-pub struct DmaIommu {
-    tlb: Arc<Tlb>,
-    fault: Option<FaultTarget>,
-}
-
-impl fmt::Debug for DmaIommu {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DmaIommu")
-            .field("endpoint", &self.fault.as_ref().map(|t| t.endpoint))
-            .field("stats", &self.stats())
-            .finish()
-    }
-}
-
-impl DmaIommu {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The same IOTLB, reporting refused accesses as `endpoint`'s faults.
-    pub fn for_endpoint(&self, endpoint: u32, reporter: Arc<dyn FaultReporter>) -> Self {
-        Self {
-            tlb: self.tlb.clone(),
-            fault: Some(FaultTarget {
-                endpoint,
-                reporter,
-                detached: false,
-            }),
-        }
-    }
-
-    /// No mapping at all, for an endpoint attached to no domain: every access is refused and
-    /// reported as [`FaultKind::Detached`].
-    pub fn detached(endpoint: u32, reporter: Arc<dyn FaultReporter>) -> Self {
-        Self {
-            tlb: Arc::default(),
-            fault: Some(FaultTarget {
-                endpoint,
-                reporter,
-                detached: true,
-            }),
-        }
-    }
-
-    /// Map `[iova, iova+len)` to guest physical `gpa` with `perm`, replacing older mappings
-    /// of the range.
-    pub fn map(&self, iova: u64, gpa: u64, len: u64, perm: Permissions) -> Result<(), DmaError> {
-        let len_usize = range_len(iova, len)?;
-        gpa.checked_add(len)
-            .ok_or(DmaError::Overflow { addr: gpa, len })?;
-        if len == 0 {
-            // The IOTLB's range map refuses (panics on) an empty range.
-            return Ok(());
-        }
-        let mut tlb = self.tlb.map.write().unwrap_or_else(PoisonError::into_inner);
-        // set_mapping cannot fail today; its error type leaves room for that.
-        tlb.set_mapping(GuestAddress(iova), GuestAddress(gpa), len_usize, perm)
-            .map_err(|_| DmaError::Unreachable {
-                addr: iova,
-                len,
-                access: Access::Read,
-            })
-    }
-
-    /// Remove every mapping in `[iova, iova+len)`.
-    pub fn unmap(&self, iova: u64, len: u64) -> Result<(), DmaError> {
-        let len_usize = range_len(iova, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.tlb
-            .map
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .invalidate_mapping(GuestAddress(iova), len_usize);
-        Ok(())
-    }
-
-    /// Lookups and refusals since the IOTLB was made (all endpoints of the domain).
-    pub fn stats(&self) -> IotlbStats {
-        IotlbStats {
-            lookups: self.tlb.lookups.load(Ordering::Relaxed),
-            misses: self.tlb.misses.load(Ordering::Relaxed),
-        }
-    }
-
-    fn report(&self, iova: u64, access: Permissions, fails: &IotlbFails) {
-        let Some(target) = &self.fault else {
-            return;
-        };
-        let (addr, kind) = match (fails.misses.first(), fails.access_fails.first()) {
-            (Some(m), _) => (
-                m.base.0,
-                if target.detached {
-                    FaultKind::Detached
-                } else {
-                    FaultKind::Unmapped
-                },
-            ),
-            (None, Some(f)) => (f.base.0, FaultKind::Permission),
-            (None, None) => (iova, FaultKind::Unmapped),
-        };
-        target.reporter.report(DmaFault {
-            endpoint: target.endpoint,
-            addr,
-            read: matches!(access, Permissions::Read | Permissions::ReadWrite),
-            write: matches!(access, Permissions::Write | Permissions::ReadWrite),
-            kind,
-        });
-    }
-}
-
-impl Iommu for DmaIommu {
-    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
-
-    fn translate(
-        &self,
-        iova: GuestAddress,
-        length: usize,
-        access: Permissions,
-    ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
-        let fail = |reason: &str| IommuError::CannotResolve {
-            iova_range: IovaRange { base: iova, length },
-            reason: reason.into(),
-        };
-        self.tlb.lookups.fetch_add(1, Ordering::Relaxed);
-        // The IOTLB adds `iova + length` unchecked: refuse a wrapping range before it does.
-        let wraps = u64::try_from(length)
-            .ok()
-            .and_then(|len| iova.0.checked_add(len))
-            .is_none();
-        if wraps {
-            self.tlb.misses.fetch_add(1, Ordering::Relaxed);
-            self.report(
-                iova.0,
-                access,
-                &IotlbFails {
-                    misses: vec![IovaRange { base: iova, length }],
-                    access_fails: Vec::new(),
-                },
-            );
-            return Err(fail("wraps"));
-        }
-        let tlb = self.tlb.map.read().unwrap_or_else(PoisonError::into_inner);
-        // On failure the read guard is gone before the report (the reporter may take locks).
-        Iotlb::lookup(tlb, iova, length, access).map_err(|fails| {
-            self.tlb.misses.fetch_add(1, Ordering::Relaxed);
-            self.report(iova.0, access, &fails);
-            fail("not mapped for this access")
-        })
-    }
-}
-
 /// `len` as usize, if `[addr, addr+len)` does not wrap.
 fn range_len(addr: u64, len: u64) -> Result<usize, DmaError> {
     addr.checked_add(len)
@@ -382,10 +190,18 @@ fn range_len(addr: u64, len: u64) -> Result<usize, DmaError> {
         .ok_or(DmaError::Overflow { addr, len })
 }
 
-/// A device's handle on its DMA space. Cheap to clone; all clones see a [`DmaSpace::replace`].
+/// A device's handle on its DMA space. Cheap to clone; all clones see a
+/// [`DmaSpace::set_translation`].
 #[derive(Clone)]
 pub struct DmaSpace {
-    mem: GuestMemoryAtomic<DmaMemory>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// What the space stands for now; a snapshot holds the one it started with.
+    current: ArcSwap<Space>,
+    /// Serialises changes (a change reads the current object to build the next one).
+    change: Mutex<()>,
 }
 
 impl fmt::Debug for DmaSpace {
@@ -397,57 +213,49 @@ impl fmt::Debug for DmaSpace {
 }
 
 impl DmaSpace {
-    /// IOVA = guest physical address. Translation is off, so the IOMMU is never consulted.
+    /// IOVA = guest physical address. The IOMMU is never consulted.
     pub fn identity(mem: PhysMemory) -> Self {
-        Self::new(IommuMemory::new(mem, DmaIommu::new(), false, ()))
+        Self::new(mem, None)
     }
 
     /// A space translated through `iommu` (the endpoint's domain).
     pub fn with_iommu(mem: PhysMemory, iommu: DmaIommu) -> Self {
-        Self::new(IommuMemory::new(mem, iommu, true, ()))
+        Self::new(mem, Some(iommu))
     }
 
-    pub fn new(mem: DmaMemory) -> Self {
+    fn new(phys: PhysMemory, iommu: Option<DmaIommu>) -> Self {
         Self {
-            mem: GuestMemoryAtomic::new(mem),
+            shared: Arc::new(Shared {
+                current: ArcSwap::from_pointee(Space { phys, iommu }),
+                change: Mutex::new(()),
+            }),
         }
     }
 
-    /// Swap the object behind every clone of this handle. Accesses already in progress finish
-    /// on the old object (see [`DmaIommu`] about quiescing).
-    pub fn replace(&self, mem: DmaMemory) {
-        self.mem
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .replace(mem);
-    }
-
     /// Translate through `iommu` from now on, or with `None` go back to the identity (bypass),
-    /// over the same guest physical memory. Like [`DmaSpace::replace`], it does not reach an
-    /// access already in progress: the caller quiesces the device before relying on it.
+    /// over the same guest physical memory. It does not reach an access already in progress
+    /// (a snapshot keeps the object it started with): the caller quiesces the device before
+    /// relying on it.
     pub fn set_translation(&self, iommu: Option<DmaIommu>) {
-        let guard = self.mem.lock().unwrap_or_else(PoisonError::into_inner);
-        // Under the handle's lock: no other replace can slip in between the read and the swap.
-        let phys = self.mem.memory().get_backend().clone();
-        let enabled = iommu.is_some();
-        guard.replace(IommuMemory::new(
-            phys,
-            iommu.unwrap_or_default(),
-            enabled,
-            (),
-        ));
+        let _change = self
+            .shared
+            .change
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let phys = self.shared.current.load().phys.clone();
+        self.shared.current.store(Arc::new(Space { phys, iommu }));
     }
 
     /// Whether addresses are translated by an IOMMU (false: identity).
     pub fn is_translated(&self) -> bool {
-        self.mem.memory().get_iommu_enabled()
+        self.shared.current.load().iommu.is_some()
     }
 
     /// The current object, for one batch of work: a device takes one per queue notification,
     /// so a batch never mixes two translations.
     pub fn snapshot(&self) -> DmaSnapshot {
         DmaSnapshot {
-            mem: self.mem.memory(),
+            mem: DmaMemory::new(self.shared.current.load()),
         }
     }
 }
@@ -462,7 +270,7 @@ type Slices<'a> = SmallVec<[VolatileSlice<'a, ()>; 8]>;
 /// One consistent view of a DMA space. Every accessor checks the whole range and the access
 /// direction before it touches memory.
 pub struct DmaSnapshot {
-    mem: GuestMemoryLoadGuard<DmaMemory>,
+    mem: DmaMemory,
 }
 
 impl DmaSnapshot {
@@ -473,16 +281,8 @@ impl DmaSnapshot {
 
     /// Whether `[addr, addr+len)` is reachable for `access`.
     pub fn check(&self, addr: u64, len: u64, access: Access) -> Result<(), DmaError> {
-        let n = range_len(addr, len)?;
-        if self.identity_slice(addr, n).is_some()
-            || self
-                .mem
-                .check_range(GuestAddress(addr), n, access.permissions())
-        {
-            Ok(())
-        } else {
-            Err(DmaError::Unreachable { addr, len, access })
-        }
+        let mut slices = Slices::new();
+        self.range_slices(addr, len, access, &mut slices)
     }
 
     pub fn read_obj<T: ByteValued>(&self, addr: u64) -> Result<T, DmaError> {
@@ -493,20 +293,6 @@ impl DmaSnapshot {
 
     pub fn write_obj<T: ByteValued>(&self, addr: u64, val: T) -> Result<(), DmaError> {
         self.write(addr, val.as_slice())
-    }
-
-    /// With translation off, the host slice behind `[addr, addr+n)` when one memory region
-    /// holds all of it: a binary search of the region list and a bounds check, instead of
-    /// vm-memory's generic slice iterators (~40 ns a call here, several per request). `None`
-    /// (translated, empty, or not inside one region): the general path decides.
-    fn identity_slice(&self, addr: u64, n: usize) -> Option<VolatileSlice<'_, ()>> {
-        if n == 0 || self.mem.get_iommu_enabled() {
-            return None;
-        }
-        let region = self.mem.get_backend().find_region(GuestAddress(addr))?;
-        let offset = region.to_region_addr(GuestAddress(addr))?;
-        // get_slice refuses a range that runs past the region's end.
-        region.get_slice(offset, n).ok()
     }
 
     /// The one host slice behind `[addr, addr+len)`, checked for `access`, or `None` when the
@@ -536,26 +322,11 @@ impl DmaSnapshot {
         out: &mut Slices<'a>,
     ) -> Result<(), DmaError> {
         let n = range_len(addr, len)?;
-        if let Some(s) = self.identity_slice(addr, n) {
-            out.push(s);
-            return Ok(());
+        if self.mem.gather(addr, n, access.permissions(), out) {
+            Ok(())
+        } else {
+            Err(DmaError::Unreachable { addr, len, access })
         }
-        let unreachable = || DmaError::Unreachable { addr, len, access };
-        let iter = self
-            .mem
-            .get_slices(GuestAddress(addr), n, access.permissions())
-            .map_err(|_| unreachable())?;
-        let mut got = 0usize;
-        for s in iter {
-            let s = s.map_err(|_| unreachable())?;
-            got += s.len();
-            out.push(s);
-        }
-        // get_slices ends early only with an error item; a short total is refused all the same.
-        if got != n {
-            return Err(unreachable());
-        }
-        Ok(())
     }
 
     /// A byte the device will write later (a request's status), checked for writing now.
@@ -874,7 +645,7 @@ fn file_io(
 mod tests {
     use super::*;
     use std::io::{Read, Seek, SeekFrom, Write};
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn mem() -> PhysMemory {
         PhysMemory::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)])
@@ -979,7 +750,7 @@ mod tests {
         assert!(dma.snapshot().read_obj::<u8>(0x2000_0000).is_err());
         // Back to identity through the handle: every clone sees it.
         let clone = dma.clone();
-        dma.replace(IommuMemory::new(phys, DmaIommu::new(), false, ()));
+        dma.set_translation(None);
         assert!(!clone.is_translated());
         assert_eq!(clone.snapshot().read_obj::<u16>(0x2010).unwrap(), 0xabcd);
     }
