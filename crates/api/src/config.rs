@@ -307,6 +307,7 @@ socket = "/run/vm.vsock"
                 direct: false,
                 serial: Some("d0".into()),
                 iommu: false,
+                vfs: 0,
             }],
             nets: vec![
                 NetConfig {

@@ -30,6 +30,14 @@ pub struct DiskConfig {
     /// Behind the virtio-iommu (`--iommu`): every DMA is translated through the guest's mappings.
     #[serde(default)]
     pub iommu: bool,
+    /// SR-IOV: the disk is a PF behind a root port offering this many VFs, each a virtio-blk
+    /// disk of its own on an equal part of the image (0: a plain disk).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vfs: u16,
+}
+
+fn is_zero(v: &u16) -> bool {
+    *v == 0
 }
 
 impl DiskConfig {
@@ -42,6 +50,9 @@ impl DiskConfig {
                 return Err(InvalidConfig::DiskSerial(serial.len()));
             }
         }
+        if self.vfs > crate::MAX_VFS {
+            return Err(InvalidConfig::Vfs("disks.vfs", self.vfs.into()));
+        }
         Ok(())
     }
 }
@@ -53,7 +64,7 @@ impl FromStr for DiskConfig {
         let opts = OptionList::parse(
             "--disk",
             s,
-            &["path", "readonly", "direct", "serial", "iommu"],
+            &["path", "readonly", "direct", "serial", "iommu", "vfs"],
         )?;
         let path: PathBuf = opts.required("path")?;
         if path.as_os_str().is_empty() {
@@ -65,10 +76,19 @@ impl FromStr for DiskConfig {
             direct: opts.get::<Toggle>("direct")?.unwrap_or_default().0,
             serial: opts.raw("serial")?.map(str::to_owned),
             iommu: opts.get::<Toggle>("iommu")?.unwrap_or_default().0,
+            vfs: 0,
         };
         if let Some(serial) = &disk.serial {
             disk.validate()
                 .map_err(|e| opts.invalid("serial", serial, e))?;
+        }
+        let mut disk = disk;
+        if let Some(raw) = opts.raw("vfs")? {
+            let n: u64 = opts.get::<u64>("vfs")?.unwrap_or(0);
+            disk.vfs = u16::try_from(n)
+                .ok()
+                .filter(|&n| n <= crate::MAX_VFS)
+                .ok_or_else(|| opts.invalid("vfs", raw, InvalidConfig::Vfs("disks.vfs", n)))?;
         }
         Ok(disk)
     }
@@ -98,6 +118,16 @@ mod tests {
         assert!(!d.readonly);
         let d: DiskConfig = "path=/x,iommu=on".parse().unwrap();
         assert!(d.iommu);
+        let d: DiskConfig = "path=/x,vfs=255".parse().unwrap();
+        assert_eq!(d.vfs, 255);
+        for bad in ["path=/x,vfs=256", "path=/x,vfs=-1", "path=/x,vfs=many"] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
+        let err = "path=/x,vfs=300"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0 to 255"), "{err}");
     }
 
     #[test]

@@ -186,7 +186,13 @@ pub enum InvalidConfig {
     SocketPathTooLong(usize),
     #[error("iommu=on needs the virtio-iommu: add --iommu (or iommu = true)")]
     NoIommu(&'static str),
+    #[error("{1} VFs asked for: an SR-IOV PF has 0 to {MAX_VFS}")]
+    Vfs(&'static str, u64),
 }
+
+/// The most VFs a PF may have (`vfs=`): its TotalVFs. VF i is at the PF's routing id + 1 + i
+/// (First VF Offset 1, VF Stride 1), and with ARI a bus holds function numbers 0..=255.
+pub const MAX_VFS: u16 = 255;
 
 impl InvalidConfig {
     /// The config key at fault, as written in a config file.
@@ -206,6 +212,7 @@ impl InvalidConfig {
             Self::VsockCid(_) => "vsock.cid",
             Self::SocketPathTooLong(_) => "vsock.socket",
             Self::NoIommu(field) => field,
+            Self::Vfs(field, _) => field,
         }
     }
 }

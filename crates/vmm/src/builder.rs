@@ -92,6 +92,7 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
         mem: &mem,
         bars: &mut bars,
         iommu: None,
+        sriov: Default::default(),
     };
     // First, so that it exists when the devices behind it are added.
     if config.iommu {
@@ -103,6 +104,12 @@ pub fn build(config: &api::VmConfig, control: Arc<Control>) -> Result<BuiltVm, E
         subscribers.push(Arc::new(Mutex::new(notifier)));
     }
     subscribers.extend(virtio.add_devices(backends)?);
+    // SR-IOV PFs' VFs: their queue (and backend) fds, added and removed at run time.
+    if let Some(events) = &virtio.sriov.events {
+        subscribers.push(Arc::new(Mutex::new(crate::sriov::DynamicEventsWatcher(
+            events.clone(),
+        ))));
+    }
     let iommu = virtio.iommu_topology();
     match &firmware {
         Some(image) => {

@@ -85,10 +85,14 @@ impl VirtioPci<'_> {
     /// What the VIOT describes, if there is an IOMMU.
     pub fn iommu_topology(&self) -> Option<IommuTopology> {
         let (bdf, iommu) = self.iommu.as_ref()?;
-        let endpoints = lock(iommu)
+        // VFs become endpoints only when the guest enables them; the VIOT names them up front.
+        let mut endpoints: Vec<Bdf> = lock(iommu)
             .endpoint_ids()
             .filter_map(|id| u16::try_from(id).ok().map(Bdf::from_raw))
+            .chain(self.sriov.vf_endpoints.iter().copied())
             .collect();
+        endpoints.sort();
+        endpoints.dedup();
         Some(IommuTopology {
             iommu: *bdf,
             endpoints,

@@ -18,6 +18,7 @@ pub mod iommu;
 pub mod layout;
 pub mod mptable;
 pub mod serial_input;
+pub mod sriov;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod virtio_pci;

@@ -53,6 +53,8 @@ pub enum VirtioPciWiringError {
     FaultEvent(#[source] std::io::Error),
     #[error("A device asks for the IOMMU but there is none")]
     NoIommu,
+    #[error("Cannot set up SR-IOV")]
+    Sriov(#[from] crate::sriov::SriovWiringError),
 }
 
 impl VirtioPciWiringError {
@@ -115,6 +117,8 @@ pub struct VirtioPci<'a> {
     pub bars: &'a mut BarAllocator,
     /// The virtio-iommu and its address, once [`Self::add_iommu`] created it.
     pub iommu: Option<(Bdf, Arc<Mutex<devices::virtio::iommu::VirtioIommu>>)>,
+    /// SR-IOV PFs: root ports, bus numbers, the VFs' event set (see `sriov.rs`).
+    pub sriov: crate::sriov::SriovWiring,
 }
 
 impl VirtioPci<'_> {
@@ -147,6 +151,33 @@ impl VirtioPci<'_> {
         dma: DmaSpace,
         translated: bool,
     ) -> Result<(Bdf, QueueNotifier), VirtioPciWiringError> {
+        let (transport, notifier) = self.transport(device, dma, translated)?;
+        let slot = lock(self.root)
+            .free_device()
+            .ok_or(VirtioPciWiringError::NoSlot)?;
+        let bdf = Bdf::new(0, slot, 0);
+        let bars = transport.bars();
+        let function: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
+        lock(self.root).add_device(bdf, function)?;
+        let addrs = bars
+            .iter()
+            .map(|bar| {
+                self.bars
+                    .allocate(bar)
+                    .ok_or(VirtioPciWiringError::NoBarSpace { size: bar.size })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        program_bars(&mut lock(self.root), bdf, &bars, &addrs);
+        Ok((bdf, notifier))
+    }
+
+    /// A virtio-pci transport for `device` and the subscriber serving its queue kicks.
+    pub(crate) fn transport(
+        &mut self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        dma: DmaSpace,
+        translated: bool,
+    ) -> Result<(VirtioPciDevice, QueueNotifier), VirtioPciWiringError> {
         let queues = lock(&device).queue_max_sizes().len();
         let msi = MsiVectors::new(self.routing, msix_vector_count(queues))?;
         let mut transport = VirtioPciDevice::new(device.clone(), dma, Arc::new(msi))?;
@@ -157,31 +188,7 @@ impl VirtioPci<'_> {
             device,
             events: transport.notify_events(),
         };
-        let bars = transport.bars();
-        let mut root = lock(self.root);
-        let slot = root.free_device().ok_or(VirtioPciWiringError::NoSlot)?;
-        let bdf = Bdf::new(0, slot, 0);
-        let function: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
-        root.add_device(bdf, function)?;
-        // Programmed through the root, as firmware would, so that mappings and ioeventfds
-        // follow from the same code path as a guest's own assignment.
-        for bar in &bars {
-            let addr = self
-                .bars
-                .allocate(bar)
-                .ok_or(VirtioPciWiringError::NoBarSpace { size: bar.size })?;
-            let reg = BAR0 + 4 * u16::from(bar.index);
-            // The low bits hold the BAR's read-only type flags: write them back unchanged.
-            let mut flags = [0u8; 4];
-            root.config_read(bdf, reg, &mut flags);
-            let low = (addr as u32) | (u32::from_le_bytes(flags) & 0xf);
-            root.config_write(bdf, reg, &low.to_le_bytes());
-            if bar.kind == BarKind::Mem64 {
-                root.config_write(bdf, reg + 4, &((addr >> 32) as u32).to_le_bytes());
-            }
-        }
-        root.config_write(bdf, COMMAND, &COMMAND_MEMORY.to_le_bytes());
-        Ok((bdf, notifier))
+        Ok((transport, notifier))
     }
 
     /// One virtio-blk device per configured disk.
@@ -198,6 +205,11 @@ impl VirtioPci<'_> {
             };
             let backend = BlockBackend::open(&disk.path, &opts)
                 .map_err(|source| VirtioPciWiringError::Disk { index, source })?;
+            if disk.vfs > 0 {
+                let notifier = self.add_block_pf(backend, disk.vfs, disk.iommu)?;
+                notifiers.push(notifier);
+                continue;
+            }
             let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Block::new(backend)));
             let (bdf, notifier) = self.add_endpoint(device, disk.iommu)?;
             tracing::debug!(%bdf, path = %disk.path.display(), "virtio-blk");
@@ -205,6 +217,24 @@ impl VirtioPci<'_> {
         }
         Ok(notifiers)
     }
+}
+
+/// Program `bars` of the function at `bdf` at `addrs` and turn memory decoding on, through the
+/// root as firmware would, so that mappings and ioeventfds follow from the same code path as a
+/// guest's own assignment.
+pub(crate) fn program_bars(root: &mut PciRoot, bdf: Bdf, bars: &[BarInfo], addrs: &[u64]) {
+    for (bar, &addr) in bars.iter().zip(addrs) {
+        let reg = BAR0 + 4 * u16::from(bar.index);
+        // The low bits hold the BAR's read-only type flags: write them back unchanged.
+        let mut flags = [0u8; 4];
+        root.config_read(bdf, reg, &mut flags);
+        let low = (addr as u32) | (u32::from_le_bytes(flags) & 0xf);
+        root.config_write(bdf, reg, &low.to_le_bytes());
+        if bar.kind == BarKind::Mem64 {
+            root.config_write(bdf, reg + 4, &((addr >> 32) as u32).to_le_bytes());
+        }
+    }
+    root.config_write(bdf, COMMAND, &COMMAND_MEMORY.to_le_bytes());
 }
 
 /// Serves one device's queue notifications in the event loop: an eventfd per queue, signalled

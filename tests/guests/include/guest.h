@@ -262,6 +262,8 @@ uptr pci_find(u16 vendor, u16 device, u32 nth);
  * Returns its address (0 on failure); *size gets its size.
  */
 uptr pci_assign_bar(uptr cfg, u32 bar, u32 *size);
+/* `size` bytes of the MMIO window at an `align`ed address (a power of two), or 0. */
+uptr pci_alloc_mmio(u32 size, u32 align);
 /* Offset of the next capability with `id` after offset `after` (0: from the start), or 0. */
 u8 pci_find_cap(uptr cfg, u8 id, u8 after);
 /* Turn on memory decode and bus mastering. */
@@ -385,6 +387,14 @@ u32 virtio_vector_irqs(u8 vector);
  * Returns 0, or -1 with a line printed.
  */
 int virtio_init(struct virtio_dev *d, u32 type, u32 nth);
+/*
+ * virtio_init for the function at ECAM address `cfg` (any bus), with its BARs
+ * at bars[0..5] as placed elsewhere (an SR-IOV VF's come from its PF's VF
+ * BARs), or sized and placed here if `bars` is NULL.
+ */
+int virtio_init_at(struct virtio_dev *d, uptr cfg, const uptr *bars);
+/* Forget every queue's ring and MSI-X vector: all devices were reset, start over. */
+void virtio_release_all(void);
 /*
  * Accept offered & (want | VIRTIO_F_DRIVER), set FEATURES_OK and check it
  * held; prints the features accepted. "plain=1" on the command line accepts

@@ -129,6 +129,15 @@ uptr pci_assign_bar(uptr cfg, u32 bar, u32 *size)
 	return at;
 }
 
+uptr pci_alloc_mmio(u32 size, u32 align)
+{
+	uptr at = (next_mmio + align - 1) & ~(uptr)(align - 1);
+	if (at < next_mmio || at + size > PCI_MMIO32_END || at + size < at)
+		return 0;
+	next_mmio = at + size;
+	return at;
+}
+
 u8 pci_find_cap(uptr cfg, u8 id, u8 after)
 {
 	if (!(mmio_read16(cfg + 0x06) & 0x10)) /* status: capability list */

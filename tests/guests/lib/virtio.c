@@ -82,15 +82,28 @@ u32 virtio_vector_irqs(u8 vector)
 
 int virtio_init(struct virtio_dev *d, u32 type, u32 nth)
 {
-	memset(d, 0, sizeof(*d));
 	uptr c = pci_find(VIRTIO_VENDOR, (u16)VIRTIO_DEVICE_ID(type), nth);
 	if (!c) {
 		print("virtio device type %u not found\n", type);
 		return -1;
 	}
+	return virtio_init_at(d, c, NULL);
+}
+
+void virtio_release_all(void)
+{
+	nrings = 0;
+	next_vector = VIRTIO_IRQ_BASE;
+}
+
+int virtio_init_at(struct virtio_dev *d, uptr c, const uptr *bars)
+{
+	memset(d, 0, sizeof(*d));
 	d->cfg = c;
+	if (bars)
+		memcpy(d->bars, bars, sizeof(d->bars));
 	/* Size and place every memory BAR (absent ones read back 0). */
-	for (u32 b = 0; b < 6; b++) {
+	for (u32 b = 0; b < 6 && !bars; b++) {
 		u32 v = mmio_read32(c + 0x10 + 4 * b);
 		if (v & 1)
 			continue; /* I/O */
@@ -185,6 +198,7 @@ int virtio_queue_init(struct virtio_dev *d, u16 index, u16 size, int irq)
 		size = max;
 	struct virtq *q = &d->q[index];
 	u8 *page = rings[nrings][0];
+	memset(rings[nrings], 0, sizeof(rings[nrings])); /* reused after virtio_release_all */
 	q->tables = (struct vring_desc(*)[VIRTQ_INDIRECT_MAX])rings[nrings][1];
 	nrings++;
 	q->index = index;

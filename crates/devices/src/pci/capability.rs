@@ -166,6 +166,19 @@ impl Capability {
     }
 }
 
+impl Capability {
+    /// The ARI extended capability (PCIe 6.0 7.8.7, 8 bytes): the function's number is 8 bits
+    /// (device number 0 implied), so up to 256 functions fit behind a port with ARI
+    /// Forwarding. `next_function` links the PFs of the device (0 ends the list; VFs are not
+    /// in it). No MFVC or ACS function groups: the capability and control registers are
+    /// read-only.
+    pub fn ari(next_function: u8) -> Self {
+        let mut c = Self::extended(super::ext_cap_id::ARI, 1, 8);
+        c.set_u16(4, u16::from(next_function) << 8);
+        c
+    }
+}
+
 /// What kind of PCI Express function a [`Capability::pci_express`] describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PciExpressPort {

@@ -416,6 +416,22 @@ impl ConfigSpace {
         std::array::from_fn(|i| self.bar_mapping(i as u8))
     }
 
+    /// Turn this type 0 header into an SR-IOV virtual function's (PCIe base spec, SR-IOV
+    /// 9.3.4): Vendor and Device ID read 0xFFFF (software takes them from the PF), the BARs read
+    /// zero and ignore writes (a VF's BARs are the PF's VF BARs: the owner maps them), and
+    /// Memory and I/O Space Enable are read-only zero (the PF's VF MSE decides). The BARs stay
+    /// declared, so [`Self::bars`] still tells the owner their sizes.
+    pub fn make_virtual_function(&mut self) {
+        self.set(reg::VENDOR_ID, 4, u32::MAX);
+        let bars = reg::BAR0..reg::BAR0 + 4 * usize::from(self.header.bar_count());
+        self.regs[bars.clone()].fill(0);
+        self.wmask[bars].fill(0);
+        let command = self.get(reg::COMMAND, 2) & !u32::from(reg::COMMAND_IO | reg::COMMAND_MEMORY);
+        self.set(reg::COMMAND, 2, command);
+        let wmask = u32::from(reg::COMMAND_WRITABLE & !(reg::COMMAND_IO | reg::COMMAND_MEMORY));
+        self.mask(reg::COMMAND, 2, wmask);
+    }
+
     // Capabilities.
 
     /// Link `cap` into its chain (standard caps from 0x40, extended caps from 0x100, each

@@ -7,13 +7,15 @@
 //!   acting on anything itself.
 //! - [`PciDevice`]: what a function implements (config access, BAR access, its BARs).
 //! - [`Msix`]: the MSI-X capability, table and PBA, delivering through [`MsiInterrupts`].
-//! - [`PciRoot`]: bus 0 with the host bridge; the one place where BAR changes are applied to the
-//!   MMIO and PIO buses. [`PciConfigIo`] and [`PciEcam`] are its two front doors.
+//! - [`PciRoot`]: bus 0 with the host bridge and root ports ([`RootPort`]) leading to further
+//!   buses; the one place where BAR changes are applied to the MMIO and PIO buses, and where
+//!   SR-IOV VF changes are handed to their [`SriovHandler`]. [`PciConfigIo`] and [`PciEcam`] are its two front doors.
 
 mod capability;
 mod config;
 mod device;
 pub mod msix;
+mod port;
 mod root;
 pub mod sriov;
 
@@ -21,7 +23,8 @@ pub use capability::{Capability, PciExpressPort, cap_id, ext_cap_id};
 pub use config::{CONFIG_SPACE_SIZE, ConfigSpace, HeaderType, PciIds, touches};
 pub use device::{Datamatch, IoEvent, IoEventRegistry, PciDevice, PciDeviceExt, RecordingIoEvents};
 pub use msix::{BarLocation, MsiInterrupts, MsiMessage, Msix, MsixHandle};
-pub use root::{HostBridge, PciConfigIo, PciEcam, PciRoot};
+pub use port::{PortRoute, RootPort};
+pub use root::{HostBridge, PciConfigIo, PciEcam, PciRoot, SriovHandler};
 pub use sriov::{SriovCap, SriovError, SriovParams, VfBar, VfBarChange, VfEnableChange};
 
 /// A function's address: bus, device (0..32), function (0..8).

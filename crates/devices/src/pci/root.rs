@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, Weak};
 
 use super::config::{ConfigSpace, PciIds};
 use super::device::{BarRegion, IoEvent, IoEventRegistry, PciDevice};
+use super::port::{PortRoute, RootPort};
+use super::sriov::{VfBarChange, VfEnableChange};
 use super::{AddressSpace, BarChange, BarInfo, Bdf, ConfigEffects, PciError, le_value};
 use crate::bus::{Bus, BusDevice, lock};
 
@@ -79,9 +81,41 @@ struct Slot {
     mapped: [Option<Mapping>; 6],
 }
 
+/// A root port on bus 0 and the functions behind it.
+struct Port {
+    port: Arc<Mutex<RootPort>>,
+    /// The bus number the builder gave the functions behind the port (their slots' keys and
+    /// their IOMMU endpoint ids): what firmware programs at reset. The guest may renumber; its
+    /// number is in `route`.
+    bus: u8,
+    route: PortRoute,
+}
+
+/// Carries out what an SR-IOV PF's config write asked for: create or remove its VFs
+/// ([`VfEnableChange`]) and map or unmap their BARs ([`VfBarChange`]). Called by the root after
+/// the PF's own lock is released, with the root held (`root`), on the thread of the write (a
+/// vCPU): when the write completes, the VFs exist, so the next config access finds them.
+pub trait SriovHandler: Send + Sync {
+    fn carry_out(
+        &self,
+        root: &mut PciRoot,
+        pf: Bdf,
+        enable: Option<VfEnableChange>,
+        bars: &[VfBarChange],
+    );
+}
+
 /// PCI functions by address, and the buses their BARs go on.
+///
+/// Functions behind a root port are kept at `Bdf::new(port bus, ..)`, `port bus` being the
+/// number the builder gave the port ([`Self::add_root_port`]); a guest access names the bus
+/// number the guest programmed in the port and is translated ([`Self::resolve`]).
 pub struct PciRoot {
     slots: BTreeMap<Bdf, Slot>,
+    /// Root ports by their address on bus 0.
+    ports: BTreeMap<Bdf, Port>,
+    /// SR-IOV PFs (by their key in `slots`) and who carries out their VF changes.
+    sriov: BTreeMap<Bdf, Arc<dyn SriovHandler>>,
     /// Weak: the buses hold the root (through its front doors), and a strong reference back
     /// would keep a whole VM's devices alive after the VM is gone.
     mmio: Weak<Bus>,
@@ -110,6 +144,8 @@ impl PciRoot {
     pub fn new(mmio: &Arc<Bus>, pio: &Arc<Bus>) -> Self {
         let mut root = Self {
             slots: BTreeMap::new(),
+            ports: BTreeMap::new(),
+            sriov: BTreeMap::new(),
             mmio: Arc::downgrade(mmio),
             pio: Arc::downgrade(pio),
             ioevents: None,
@@ -147,6 +183,93 @@ impl PciRoot {
         Ok(())
     }
 
+    /// Put a root port at `bdf` on bus 0; the functions behind it are added at
+    /// `Bdf::new(bus, ..)`. The port starts programmed as firmware would leave it: secondary
+    /// and subordinate bus `bus`, memory window `window` (base, length).
+    pub fn add_root_port(
+        &mut self,
+        bdf: Bdf,
+        mut port: RootPort,
+        bus: u8,
+        window: Option<(u64, u64)>,
+    ) -> Result<(), PciError> {
+        if bdf.bus() != 0 || bus == 0 || self.ports.values().any(|p| p.bus == bus) {
+            return Err(PciError::SlotTaken(Bdf::new(bus, 0, 0)));
+        }
+        port.preset(bus, window);
+        let route = port.route();
+        let port = Arc::new(Mutex::new(port));
+        self.add_device(bdf, port.clone())?;
+        self.ports.insert(bdf, Port { port, bus, route });
+        Ok(())
+    }
+
+    /// Let `handler` carry out the VF changes of the SR-IOV PF at `pf` (its key).
+    pub fn set_sriov_handler(&mut self, pf: Bdf, handler: Arc<dyn SriovHandler>) {
+        self.sriov.insert(pf, handler);
+    }
+
+    /// Where a guest's config access to `guest` goes: bus 0 as is; a root port's secondary bus
+    /// to the functions behind it (device 0 only, functions 0..=255 with ARI Forwarding and
+    /// 0..=7 without); anything else (a bus no port leads to, buses behind the secondary one,
+    /// where there are no bridges) nowhere.
+    pub fn resolve(&self, guest: Bdf) -> Option<Bdf> {
+        if guest.bus() == 0 {
+            return Some(guest);
+        }
+        let devfn = guest.raw() as u8;
+        self.ports
+            .values()
+            .find(|p| p.route.secondary == guest.bus())
+            .filter(|p| p.route.ari_forwarding || devfn < 8)
+            .map(|p| Bdf::from_raw(u16::from(p.bus) << 8 | u16::from(devfn)))
+    }
+
+    /// Remove the function at `bdf` (its key): its BARs leave the buses and its ioeventfds
+    /// are unregistered. Returns it, so that the caller can release what it holds.
+    pub fn remove_device(&mut self, bdf: Bdf) -> Option<Arc<Mutex<dyn PciDevice>>> {
+        let mapped: Vec<(u8, AddressSpace)> = self
+            .slots
+            .get(&bdf)?
+            .mapped
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.as_ref().map(|m| (i as u8, m.space)))
+            .collect();
+        for (bar, space) in mapped {
+            self.map_bar(bdf, bar, space, 0, None);
+        }
+        self.sriov.remove(&bdf);
+        self.slots.remove(&bdf).map(|s| s.dev)
+    }
+
+    /// Map BAR `bar` of the function at `bdf` at `base` (`size` bytes), or unmap it with
+    /// `None`: for BARs the function does not decode itself (a VF's, which its PF's VF BARs
+    /// place). Ioeventfds follow as for any BAR.
+    pub fn map_bar(
+        &mut self,
+        bdf: Bdf,
+        bar: u8,
+        space: AddressSpace,
+        size: u64,
+        base: Option<u64>,
+    ) {
+        let old = self.bar_mapping(bdf, bar);
+        if old == base && base.is_some() {
+            return;
+        }
+        self.apply(
+            bdf,
+            BarChange {
+                bar,
+                space,
+                size,
+                old,
+                new: base,
+            },
+        );
+    }
+
     /// The first device number on bus 0 with no function in it.
     pub fn free_device(&self) -> Option<u8> {
         (0..32u8).find(|&d| {
@@ -167,9 +290,10 @@ impl PciRoot {
         slot.mapped.get(usize::from(bar))?.as_ref().map(|m| m.base)
     }
 
-    /// A config read; absent functions and undefined accesses read as all-ones.
+    /// A config read at the guest's address `bdf`; absent functions and undefined accesses
+    /// read as all-ones.
     pub fn config_read(&self, bdf: Bdf, offset: u16, data: &mut [u8]) {
-        match self.slots.get(&bdf) {
+        match self.resolve(bdf).and_then(|b| self.slots.get(&b)) {
             Some(slot) if valid_access(offset, data.len()) => {
                 lock(&slot.dev).config_read(offset, data);
             }
@@ -177,18 +301,31 @@ impl PciRoot {
         }
     }
 
-    /// A config write; BAR changes it causes are applied to the buses here.
+    /// A config write at the guest's address `bdf`; BAR changes it causes are applied to the
+    /// buses here, VF changes handed to the PF's [`SriovHandler`] once the PF's lock is released.
     pub fn config_write(&mut self, bdf: Bdf, offset: u16, data: &[u8]) {
         if !valid_access(offset, data.len()) {
             tracing::debug!(%bdf, offset, len = data.len(), "config write not within a dword dropped");
             return;
         }
-        let Some(slot) = self.slots.get(&bdf) else {
+        let Some((bdf, slot)) = self
+            .resolve(bdf)
+            .and_then(|b| self.slots.get(&b).map(|s| (b, s)))
+        else {
             return;
         };
         let effects = lock(&slot.dev).config_write(offset, data);
+        if let Some(p) = self.ports.get_mut(&bdf) {
+            p.route = lock(&p.port).route();
+        }
         for change in effects.bar_changes {
             self.apply(bdf, change);
+        }
+        if effects.vf_enable.is_some() || !effects.vf_bar_changes.is_empty() {
+            match self.sriov.get(&bdf).cloned() {
+                Some(h) => h.carry_out(self, bdf, effects.vf_enable, &effects.vf_bar_changes),
+                None => tracing::warn!(%bdf, "SR-IOV change of a function without a handler"),
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use crate::legacy::testutil::XorShift;
 use crate::pci::msix::{MsiEvent, RecordingMsi};
 use crate::pci::{
     BarKind, BarLocation, Capability, Datamatch, Msix, PciDeviceExt, PciExpressPort,
-    RecordingIoEvents,
+    RecordingIoEvents, RootPort, VfBarChange, VfEnableChange,
 };
 
 const ECAM: u64 = 0xe000_0000;
@@ -575,4 +575,202 @@ fn random_accesses() {
     );
     // The host bridge is still itself.
     assert_eq!(p.ecam_read(Bdf::default(), 0, 4), 0x0d57_8086);
+}
+
+/// A PF: a config space with the SR-IOV capability (2 VF BARs' worth: one 64-bit VF BAR 0 of
+/// 16 KiB) and ARI.
+struct PfDev {
+    config: ConfigSpace,
+    sriov: crate::pci::SriovCap,
+}
+
+impl PfDev {
+    fn new(total: u16) -> Self {
+        let mut config = ConfigSpace::endpoint(&PciIds {
+            vendor_id: 0x1af4,
+            device_id: 0x1042,
+            class_code: 0x01_8000,
+            ..Default::default()
+        });
+        config
+            .add_capability(&Capability::pci_express(PciExpressPort::Endpoint))
+            .unwrap();
+        config.add_capability(&Capability::ari(0)).unwrap();
+        let sriov = crate::pci::SriovCap::new(
+            &mut config,
+            crate::pci::SriovParams {
+                initial_vfs: total,
+                total_vfs: total,
+                first_vf_offset: 1,
+                vf_stride: 1,
+                vf_device_id: 0x1042,
+                supported_page_sizes: 1,
+                vf_bars: vec![crate::pci::VfBar {
+                    index: 0,
+                    kind: BarKind::Mem64,
+                    size: 0x4000,
+                    prefetchable: false,
+                }],
+            },
+        )
+        .unwrap();
+        Self { config, sriov }
+    }
+}
+
+impl PciDevice for PfDev {
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+
+    fn config_write(&mut self, offset: u16, data: &[u8]) -> ConfigEffects {
+        let mut effects = self.config.write(offset, data);
+        self.sriov
+            .config_written(&mut self.config, offset, data.len(), &mut effects);
+        effects
+    }
+
+    fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
+
+    fn bars(&self) -> Vec<BarInfo> {
+        Vec::new()
+    }
+}
+
+/// Makes each VF a TestDev (device id 0x2000 + i) turned into a VF, and maps VF BAR 0 as the PF
+/// says; records what it was asked.
+struct VfMaker {
+    irq: Arc<RecordingMsi>,
+    calls: Mutex<Vec<(Option<VfEnableChange>, Vec<VfBarChange>)>>,
+}
+
+impl SriovHandler for VfMaker {
+    fn carry_out(
+        &self,
+        root: &mut PciRoot,
+        pf: Bdf,
+        enable: Option<VfEnableChange>,
+        bars: &[VfBarChange],
+    ) {
+        self.calls.lock().unwrap().push((enable, bars.to_vec()));
+        let rid = |i: u16| crate::pci::sriov::vf_routing_id(pf, 1, 1, i).unwrap();
+        if let Some(e) = enable.filter(|e| e.enabled) {
+            for i in 0..e.num_vfs {
+                let mut dev = TestDev::new(0x2000 + i, self.irq.clone());
+                dev.config.make_virtual_function();
+                root.add_device(rid(i), Arc::new(Mutex::new(dev))).unwrap();
+            }
+        }
+        for b in bars {
+            for i in 0..b.num_vfs {
+                let at = b.new.map(|base| base + u64::from(i) * b.size);
+                root.map_bar(rid(i), b.bar, b.space, 0x1000, at);
+            }
+        }
+        if let Some(e) = enable.filter(|e| !e.enabled) {
+            for i in 0..e.num_vfs {
+                root.remove_device(rid(i)).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn root_port_routes_to_its_secondary_bus() {
+    let p = Platform::new(0);
+    let pf = Arc::new(Mutex::new(PfDev::new(12)));
+    {
+        let mut root = p.root.lock().unwrap();
+        root.add_root_port(Bdf::new(0, 1, 0), RootPort::new(1).unwrap(), 1, None)
+            .unwrap();
+        root.add_device(Bdf::new(1, 0, 0), pf.clone()).unwrap();
+        // Taken bus numbers and ports off bus 0 are refused.
+        assert!(
+            root.add_root_port(Bdf::new(0, 2, 0), RootPort::new(2).unwrap(), 1, None)
+                .is_err()
+        );
+    }
+    let port = Bdf::new(0, 1, 0);
+    assert_eq!(p.ecam_read(port, 0, 4), 0x000c_1b36);
+    assert_eq!(p.cf8_read(port, 0x18, 4) & 0xff_ffff, 0x01_0100);
+    // The PF on bus 1, through both mechanisms; nothing on bus 2 or at device 1 of bus 1.
+    assert_eq!(p.ecam_read(Bdf::new(1, 0, 0), 0, 4), 0x1042_1af4);
+    assert_eq!(p.cf8_read(Bdf::new(1, 0, 0), 0, 4), 0x1042_1af4);
+    assert_eq!(p.ecam_read(Bdf::new(2, 0, 0), 0, 4), u32::MAX);
+    assert_eq!(p.ecam_read(Bdf::new(1, 1, 0), 0, 4), u32::MAX);
+
+    // The guest renumbers the port: the PF moves to bus 4, bus 1 is empty.
+    p.ecam_write(port, 0x18, 4, 0x00_0404);
+    assert_eq!(p.ecam_read(Bdf::new(4, 0, 0), 0, 4), 0x1042_1af4);
+    assert_eq!(p.ecam_read(Bdf::new(1, 0, 0), 0, 4), u32::MAX);
+    // A write through the new number reaches the PF.
+    p.ecam_write(Bdf::new(4, 0, 0), 0x0c, 1, 0x10);
+    assert_eq!(p.ecam_read(Bdf::new(4, 0, 0), 0x0c, 1), 0x10);
+    // Writes to a bus no port leads to go nowhere.
+    p.ecam_write(Bdf::new(9, 0, 0), 0x0c, 1, 0x20);
+}
+
+#[test]
+fn vf_enable_creates_functions_before_the_write_returns() {
+    let p = Platform::new(0);
+    let pf = Arc::new(Mutex::new(PfDev::new(12)));
+    let maker = Arc::new(VfMaker {
+        irq: p.irq.clone(),
+        calls: Mutex::default(),
+    });
+    let pf_bdf = Bdf::new(1, 0, 0);
+    {
+        let mut root = p.root.lock().unwrap();
+        root.add_root_port(Bdf::new(0, 1, 0), RootPort::new(1).unwrap(), 1, None)
+            .unwrap();
+        root.add_device(pf_bdf, pf.clone()).unwrap();
+        root.set_sriov_handler(pf_bdf, maker.clone());
+    }
+    let cap = pf.lock().unwrap().sriov.offset();
+    let port = Bdf::new(0, 1, 0);
+    let vf_bdf = |i: u8| Bdf::from_raw(0x100 + u16::from(i) + 1);
+    // NumVFs 10, VF BAR 0 at 0xc000_0000, VF Enable + VF MSE.
+    p.ecam_write(pf_bdf, cap + 0x10, 2, 10);
+    p.ecam_write(pf_bdf, cap + 0x24, 4, 0xc000_0004);
+    p.ecam_write(pf_bdf, cap + 0x28, 4, 0);
+    p.ecam_write(pf_bdf, cap + 0x08, 2, 0x9);
+    assert_eq!(maker.calls.lock().unwrap().len(), 1);
+    // VF 0..6 sit at functions 1..7 of device 0 and are reachable; VFs 7.. are at function
+    // numbers 8.. which need ARI forwarding in the port.
+    assert_eq!(
+        p.ecam_read(vf_bdf(0), 0, 4),
+        u32::MAX,
+        "a VF's ids read 0xFFFF"
+    );
+    assert_eq!(p.ecam_read(vf_bdf(0), 0x08, 4) >> 8, 0xff_0000, "class");
+    assert_eq!(p.ecam_read(vf_bdf(9), 0x08, 4), u32::MAX);
+    let devctl2 = 0x40 + 0x28;
+    p.ecam_write(port, devctl2, 2, 1 << 5);
+    assert_eq!(p.ecam_read(vf_bdf(9), 0x08, 4) >> 8, 0xff_0000);
+    // Past NumVFs there is nothing.
+    assert_eq!(p.ecam_read(vf_bdf(10), 0x08, 4), u32::MAX);
+    // Each VF's BAR 0 (a VF BAR slice of 16 KiB, the TestDev's 4 KiB register BAR in it).
+    for i in [0u8, 9] {
+        let base = 0xc000_0000 + u64::from(i) * 0x4000;
+        assert_eq!(p.mem_read32(base + 4), 0x0706_0504);
+    }
+    // VF BAR written while enabled: the VFs move.
+    p.ecam_write(pf_bdf, cap + 0x24, 4, 0xd000_0004);
+    assert_eq!(p.mem_read32(0xc000_0004), u32::MAX);
+    assert_eq!(p.mem_read32(0xd000_4004), 0x0706_0504);
+    // VF Enable off: the VFs and their BARs are gone.
+    p.ecam_write(pf_bdf, cap + 0x08, 2, 0x8);
+    assert_eq!(p.ecam_read(vf_bdf(0), 0x08, 4), u32::MAX);
+    assert_eq!(p.mem_read32(0xd000_4004), u32::MAX);
+    assert!(p.ioevents.registered().is_empty());
+    // Enabled again with another count.
+    p.ecam_write(pf_bdf, cap + 0x10, 2, 3);
+    p.ecam_write(pf_bdf, cap + 0x08, 2, 0x9);
+    assert_ne!(p.ecam_read(vf_bdf(2), 0x08, 4), u32::MAX);
+    assert_eq!(p.ecam_read(vf_bdf(3), 0x08, 4), u32::MAX);
+    assert_eq!(maker.calls.lock().unwrap().len(), 4);
 }

@@ -24,7 +24,8 @@ use super::{DmaSpace, VirtioDevice, VirtioInterrupt};
 use crate::bus::lock;
 use crate::pci::{
     BarInfo, BarKind, BarLocation, Capability, ConfigEffects, ConfigSpace, Datamatch, IoEvent,
-    MsiInterrupts, Msix, MsixHandle, PciDevice, PciError, PciIds, cap_id,
+    MsiInterrupts, Msix, MsixHandle, PciDevice, PciError, PciExpressPort, PciIds, SriovCap,
+    SriovError, SriovParams, VfBar, cap_id,
 };
 
 pub use common::COMMON_CFG_LEN;
@@ -89,6 +90,8 @@ pub enum VirtioPciError {
     EventFd(#[source] std::io::Error),
     #[error("Cannot build the PCI function")]
     Pci(#[from] PciError),
+    #[error("Cannot build the SR-IOV capability")]
+    Sriov(#[from] SriovError),
 }
 
 /// The number of MSI-X vectors a transport has for a device with `queues` queues: one per
@@ -191,6 +194,8 @@ pub struct VirtioPciDevice {
     notify: Vec<Arc<EventFd>>,
     /// Offset of the PCI_CFG capability (the window into BAR 0 through config space).
     pci_cfg_cap: u16,
+    /// An SR-IOV PF's capability ([`Self::make_pf`]).
+    sriov: Option<SriovCap>,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -292,7 +297,52 @@ impl VirtioPciDevice {
             common: common::CommonConfig::new(&max_sizes),
             notify,
             pci_cfg_cap,
+            sriov: None,
         })
+    }
+
+    /// Make this function an SR-IOV physical function with up to `total_vfs` VFs of the same
+    /// kind: the PCI Express capability (an endpoint below a root port), ARI (so that VFs past
+    /// function 7 are reachable) and SR-IOV with VF 0 at routing id + 1, stride 1, VF Device ID
+    /// this function's, 4 KiB pages and one VF BAR 0 laid out like this function's BAR 0.
+    /// The owner offers VIRTIO_F_SR_IOV on the device and carries out the VF changes config
+    /// writes report.
+    pub fn make_pf(&mut self, total_vfs: u16) -> Result<(), VirtioPciError> {
+        self.config
+            .add_capability(&Capability::pci_express(PciExpressPort::Endpoint))?;
+        self.config.add_capability(&Capability::ari(0))?;
+        let params = SriovParams {
+            initial_vfs: total_vfs,
+            total_vfs,
+            first_vf_offset: 1,
+            vf_stride: 1,
+            vf_device_id: self.config.read_u16(2),
+            supported_page_sizes: crate::pci::sriov::reg::PAGE_4K,
+            vf_bars: vec![VfBar {
+                index: BAR_INDEX,
+                kind: BarKind::Mem64,
+                size: BAR_SIZE,
+                prefetchable: false,
+            }],
+        };
+        self.sriov = Some(SriovCap::new(&mut self.config, params)?);
+        Ok(())
+    }
+
+    /// Make this function an SR-IOV virtual function: PCI Express and ARI capabilities as its
+    /// PF's, ids reading 0xFFFF, BARs and memory decoding left to the PF's VF BARs (the owner
+    /// maps BAR 0 with [`crate::pci::PciRoot::map_bar`]).
+    pub fn make_vf(&mut self) -> Result<(), VirtioPciError> {
+        self.config
+            .add_capability(&Capability::pci_express(PciExpressPort::Endpoint))?;
+        self.config.add_capability(&Capability::ari(0))?;
+        self.config.make_virtual_function();
+        Ok(())
+    }
+
+    /// The PF's SR-IOV capability and the config space it lives in.
+    pub fn sriov(&self) -> Option<(&SriovCap, &ConfigSpace)> {
+        self.sriov.as_ref().map(|s| (s, &self.config))
     }
 
     /// The device, shared with whoever serves its queue notifications.
@@ -384,8 +434,11 @@ impl PciDevice for VirtioPciDevice {
             }
             return ConfigEffects::default();
         }
-        let effects = self.config.write(offset, data);
+        let mut effects = self.config.write(offset, data);
         self.msix.config_written(&self.config);
+        if let Some(sriov) = &mut self.sriov {
+            sriov.config_written(&mut self.config, offset, data.len(), &mut effects);
+        }
         effects
     }
 

@@ -1,0 +1,294 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * sriov: SR-IOV the way Linux's PCI core does it (drivers/pci/iov.c), on a
+ * virtio-blk PF (`--disk path=IMG,vfs=N`):
+ *
+ * - find the PCIe root port on bus 0 (class 0604), program its bus numbers
+ *   (secondary = subordinate = "bus=" from the command line, default 1) and
+ *   its memory window, turn on ARI Forwarding once the PF shows the ARI
+ *   capability;
+ * - find the PF at function 0 of that bus and its SR-IOV capability; read
+ *   TotalVFs, set ARI Capable Hierarchy and the 4 KiB System Page Size;
+ * - per cycle (the "vfs=" list, e.g. vfs=4.2.7): set NumVFs, read First VF
+ *   Offset and VF Stride, size VF BAR 0 and place the aperture (NumVFs x
+ *   size), set VF Enable and VF MSE, compute each VF's routing id, check its
+ *   config space (vendor 0xFFFF, class 018000, nothing past NumVFs) and bring
+ *   it up as a virtio-blk device on BAR 0 = aperture + i x size;
+ * - each VF writes its own pattern (cycle, VF) to its first and last sector
+ *   and reads them back; prints "sriov cycle C written N" and waits for a
+ *   byte on COM1 (the host checks the image);
+ * - resets every VF, clears VF Enable and VF MSE, checks that the VFs read
+ *   as absent and that their old BARs answer all-ones, prints "sriov cycle C
+ *   disabled" and waits for a byte (the host counts threads, fds, memory).
+ *
+ * Ends with "sriov passed" (exit 0) or after a FAILED line (exit 1).
+ */
+#include "guest.h"
+
+#define MAX_VFS 8
+#define MAX_CYCLES 8
+
+#define SRIOV_CTRL 0x08
+#define SRIOV_TOTAL 0x0e
+#define SRIOV_NUM 0x10
+#define SRIOV_OFFSET 0x14
+#define SRIOV_STRIDE 0x16
+#define SRIOV_VF_DID 0x1a
+#define SRIOV_PGSUP 0x1c
+#define SRIOV_PGSIZE 0x20
+#define SRIOV_BAR0 0x24
+#define CTRL_VFE 0x1
+#define CTRL_MSE 0x8
+#define CTRL_ARI 0x10
+
+#define T_IN 0
+#define T_OUT 1
+
+static struct {
+	u32 type, reserved;
+	u64 sector;
+} __attribute__((aligned(16))) hdr;
+static u8 data[512] __attribute__((aligned(512)));
+static u8 back[512] __attribute__((aligned(512)));
+static volatile u8 status_byte;
+static int failures;
+static struct virtio_dev vfs[MAX_VFS];
+
+static void check(int ok, const char *what, u32 n)
+{
+	if (!ok) {
+		print("%s %u: FAILED\n", what, n);
+		failures++;
+	}
+}
+
+static void wait_host(void)
+{
+	while (!(inb(COM1 + UART_LSR) & UART_LSR_DR))
+		cpu_relax();
+	(void)inb(COM1 + UART_RBR);
+}
+
+static uptr cfg_of(u32 rid) { return pci_ecam + ((uptr)rid << 12); }
+
+/* The extended capability `id` of the function at `c`, or 0. */
+static u32 find_ext(uptr c, u16 id)
+{
+	u32 at = 0x100;
+	for (u32 n = 0; at >= 0x100 && at < 0x1000 && n < 64; n++) {
+		u32 h = mmio_read32(c + at);
+		if (h == 0 || h == 0xFFFFFFFF)
+			return 0;
+		if ((h & 0xFFFF) == id)
+			return at;
+		at = h >> 20;
+	}
+	return 0;
+}
+
+/* The pattern VF `vf` writes in cycle `cycle`: "MFVF", cycle, vf, then bytes of both. */
+static void pattern(u8 *p, u32 cycle, u32 vf)
+{
+	for (u32 i = 0; i < 512; i++)
+		p[i] = (u8)(i * 13 + cycle * 7 + vf * 31 + 1);
+	memcpy(p, "MFVF", 4);
+	p[4] = (u8)cycle;
+	p[5] = (u8)vf;
+}
+
+static u8 request(struct virtio_dev *d, u32 type, u64 sector, u8 *buf)
+{
+	struct virtq *q = &d->q[0];
+	hdr.type = type;
+	hdr.sector = sector;
+	status_byte = 0xEE;
+	struct vbuf b[3] = {
+		{ &hdr, 16, 0 },
+		{ buf, 512, type != T_OUT },
+		{ (void *)&status_byte, 1, 1 },
+	};
+	u32 len;
+	if (virtq_add(q, b, 3) < 0)
+		return 0xFF;
+	virtq_kick(q);
+	if (virtq_wait(q, &len) < 0)
+		return 0xFE;
+	return status_byte;
+}
+
+/* Parse "4.2.7" into counts; returns how many. */
+static u32 parse_counts(const char *s, u32 *out)
+{
+	u32 n = 0, v = 0, digits = 0;
+	for (;; s++) {
+		if (*s >= '0' && *s <= '9') {
+			v = v * 10 + (u32)(*s - '0');
+			digits++;
+			continue;
+		}
+		if (digits && n < MAX_CYCLES)
+			out[n++] = v;
+		v = digits = 0;
+		if (*s != '.')
+			return n;
+	}
+}
+
+int guest_main(struct boot_info *bi)
+{
+	virtio_irq_init();
+	pci_scan();
+
+	const char *arg = cmdline_find(bi->cmdline, "bus");
+	int ok = 1;
+	u32 bus = arg ? (u32)parse_u64(arg, &ok) : 1;
+	u32 counts[MAX_CYCLES], ncycles = 1;
+	counts[0] = 2;
+	arg = cmdline_find(bi->cmdline, "vfs");
+	if (arg)
+		ncycles = parse_counts(arg, counts);
+	if (!ok || bus == 0 || bus > 255 || ncycles == 0) {
+		print("bad command line\n");
+		return 1;
+	}
+
+	/* The root port: a PCI-to-PCI bridge (class 0604) with a PCIe capability of type 4. */
+	uptr port = 0;
+	for (u32 dev = 0; dev < 32 && !port; dev++) {
+		uptr c = pci_cfg(dev, 0);
+		if ((mmio_read32(c + 0x08) >> 8) != 0x060400)
+			continue;
+		u8 pcie = pci_find_cap(c, 0x10, 0);
+		if (pcie && ((mmio_read16(c + pcie + 2) >> 4) & 0xF) == 4)
+			port = c;
+	}
+	if (!port) {
+		print("no root port\n");
+		return 1;
+	}
+	u8 port_pcie = pci_find_cap(port, 0x10, 0);
+	print("root port at 00:%02x.0, ARI forwarding %s\n", (u32)((port - pci_ecam) >> 15),
+	      (mmio_read32(port + port_pcie + 0x24) & (1 << 5)) ? "supported" : "missing");
+	/* Bus numbers (primary 0); the memory window once the BARs behind it are placed. */
+	mmio_write32(port + 0x18, (bus << 16) | (bus << 8));
+
+	uptr pf = cfg_of(bus << 8);
+	u32 id = mmio_read32(pf);
+	print("pf %02x:00.0 %04x:%04x\n", bus, id & 0xFFFF, id >> 16);
+	if (id != ((VIRTIO_DEVICE_ID(VIRTIO_ID_BLOCK) << 16) | VIRTIO_VENDOR))
+		return 1;
+	u32 ari = find_ext(pf, 0x000E), sriov = find_ext(pf, 0x0010);
+	print("pf ari at %x, sr-iov at %x\n", ari, sriov);
+	if (!sriov)
+		return 1;
+	if (ari)
+		mmio_write16(port + port_pcie + 0x28, mmio_read16(port + port_pcie + 0x28) | (1 << 5));
+	u16 total = mmio_read16(pf + sriov + SRIOV_TOTAL);
+	u16 vf_did = mmio_read16(pf + sriov + SRIOV_VF_DID);
+	print("TotalVFs %u, VF device id %04x, page sizes %x\n", total, vf_did,
+	      mmio_read32(pf + sriov + SRIOV_PGSUP));
+	mmio_write16(pf + sriov + SRIOV_CTRL, ari ? CTRL_ARI : 0);
+	mmio_write32(pf + sriov + SRIOV_PGSIZE, 1);
+
+	/* The PF itself: a virtio-blk device like any other, offering VIRTIO_F_SR_IOV (bit 37). */
+	static struct virtio_dev pfdev;
+	if (virtio_init_at(&pfdev, pf, NULL))
+		return 1;
+	print("pf offers SR_IOV: %s\n", (pfdev.offered >> 37) & 1 ? "yes" : "no");
+	check((pfdev.offered >> 37) & 1, "pf feature SR_IOV", 37);
+	mmio_write8(pfdev.common + 0x14, 0); /* reset: the PF's own queues are not used */
+
+	/* Size VF BAR 0 (64-bit memory) as Linux does: all-ones, read back; it is per VF. */
+	uptr bar = pf + sriov + SRIOV_BAR0;
+	mmio_write32(bar, 0xFFFFFFFF);
+	mmio_write32(bar + 4, 0xFFFFFFFF);
+	u32 lo = mmio_read32(bar), hi = mmio_read32(bar + 4);
+	u32 vf_size = ~(lo & ~0xFu) + 1;
+	if ((lo & 0x6) != 0x4 || hi != 0xFFFFFFFF || !vf_size) {
+		print("VF BAR 0 reads %x %x\n", lo, hi);
+		return 1;
+	}
+	/* The aperture for the most VFs a cycle may ask for, then the port's window over the PF's
+	 * BAR and the aperture (1 MiB granular), as Linux sizes bridge windows. */
+	uptr aperture = pci_alloc_mmio(MAX_VFS * vf_size, vf_size);
+	uptr wbase = pfdev.bars[0] & ~0xFFFFFu, wlast = (aperture + MAX_VFS * vf_size - 1) | 0xFFFFF;
+	if (!aperture || !pfdev.bars[0] || aperture < pfdev.bars[0]) {
+		print("no room for the VF BARs\n");
+		return 1;
+	}
+	mmio_write32(port + 0x20, ((wbase >> 16) & 0xFFF0) | (wlast & 0xFFF00000));
+	mmio_write16(port + PCI_COMMAND, PCI_CMD_MEM | PCI_CMD_MASTER);
+	print("port window %x-%x\n", (u32)wbase, (u32)wlast);
+
+	for (u32 cycle = 0; cycle < ncycles; cycle++) {
+		u32 n = counts[cycle];
+		if (n > total || n > MAX_VFS) {
+			print("cycle %u: %u VFs is too many\n", cycle, n);
+			return 1;
+		}
+		mmio_write16(pf + sriov + SRIOV_NUM, (u16)n);
+		u16 off = mmio_read16(pf + sriov + SRIOV_OFFSET);
+		u16 stride = mmio_read16(pf + sriov + SRIOV_STRIDE);
+		u32 size = vf_size;
+		mmio_write32(bar, (u32)aperture);
+		mmio_write32(bar + 4, 0);
+		mmio_write16(pf + sriov + SRIOV_CTRL, (ari ? CTRL_ARI : 0) | CTRL_VFE | CTRL_MSE);
+		print("cycle %u: NumVFs %u, offset %u, stride %u, VF BAR %u bytes at %x\n", cycle, n,
+		      off, stride, size, (u32)aperture);
+
+		u32 pf_rid = bus << 8;
+		for (u32 i = 0; i < n; i++) {
+			u32 rid = pf_rid + off + i * stride;
+			uptr c = cfg_of(rid);
+			check(mmio_read32(c) == 0xFFFFFFFF, "VF ids read 0xFFFF", i);
+			check((mmio_read32(c + 0x08) >> 8) == 0x018000, "VF class", i);
+			uptr bars[6] = { aperture + i * vf_size, 0, 0, 0, 0, 0 };
+			struct virtio_dev *d = &vfs[i];
+			if (virtio_init_at(d, c, bars) || virtio_negotiate(d, 0) ||
+			    virtio_queue_init(d, 0, 8, 1)) {
+				print("VF %u (%02x:%02x.%u) does not come up\n", i, rid >> 8, (rid >> 3) & 31,
+				      rid & 7);
+				return 1;
+			}
+			virtio_driver_ok(d);
+		}
+		/* One past NumVFs: absent. */
+		check(mmio_read32(cfg_of(pf_rid + off + n * stride) + 0x08) == 0xFFFFFFFF,
+		      "no VF past NumVFs", n);
+
+		u32 sectors = 0;
+		for (u32 i = 0; i < n; i++) {
+			struct virtio_dev *d = &vfs[i];
+			u32 cap = virtio_cfg32(d, 0);
+			if (i == 0)
+				sectors = cap;
+			check(cap == sectors && virtio_cfg32(d, 4) == 0, "VF capacity", i);
+			pattern(data, cycle, i);
+			u64 last = (u64)cap - 1;
+			check(request(d, T_OUT, 0, data) == 0, "write first sector", i);
+			check(request(d, T_OUT, last, data) == 0, "write last sector", i);
+			check(request(d, T_OUT, last + 1, data) == 1, "write past the end refused", i);
+			memset(back, 0, 512);
+			check(request(d, T_IN, 0, back) == 0 && !memcmp(back, data, 512), "read back", i);
+		}
+		print("sriov cycle %u written %u, %u sectors each\n", cycle, n, sectors);
+		wait_host();
+
+		/* Drivers go (reset), then VF Enable and VF MSE off, as pci_disable_sriov does. */
+		for (u32 i = 0; i < n; i++)
+			mmio_write8(vfs[i].common + 0x14, 0);
+		virtio_release_all();
+		mmio_write16(pf + sriov + SRIOV_CTRL, ari ? CTRL_ARI : 0);
+		for (u32 i = 0; i < n; i++) {
+			check(mmio_read32(cfg_of(pf_rid + off + i * stride) + 0x08) == 0xFFFFFFFF,
+			      "VF gone", i);
+			check(mmio_read32(aperture + i * vf_size) == 0xFFFFFFFF, "VF BAR gone", i);
+		}
+		print("sriov cycle %u disabled\n", cycle);
+		wait_host();
+	}
+	if (failures)
+		return 1;
+	print("sriov passed\n");
+	return 0;
+}
