@@ -88,6 +88,12 @@ pub trait NetBackend: AsRawFd + Send {
     fn tx_fd(&self) -> Option<RawFd> {
         None
     }
+    /// A file descriptor on which one `read`/`readv` receives one frame (a tap): the device
+    /// then receives straight into guest buffers. `None`: frames come through
+    /// [`NetBackend::read_frame`] into a buffer and are copied.
+    fn rx_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// Whether the device may offer checksum and segmentation offloads over this backend (a
     /// tap: the host kernel finishes frames). `false` (a switch port): frames are complete.
     fn offloads(&self) -> bool {
@@ -432,6 +438,18 @@ enum Delivery {
     Dropped(&'static str),
 }
 
+/// What [`Rx::receive_direct`] did with the frame.
+enum Direct {
+    /// Delivered or dropped (or a malformed chain returned): go on with the next.
+    Done,
+    /// A frame of this length longer than the chain waits in `Rx::buf`.
+    Spilled(usize),
+    /// The backend read failed (`WouldBlock`: nothing to receive).
+    Failed(io::Error),
+    /// Read this frame through `Rx::buf`.
+    Bounce,
+}
+
 /// Receive-side state, all reused from frame to frame.
 struct Rx {
     /// The frame read from the backend (header first).
@@ -474,7 +492,16 @@ impl Rx {
                 if !buffers_available(&mut ring)? {
                     return Ok(());
                 }
-                match backend.read_frame(&mut [IoSliceMut::new(&mut self.buf)]) {
+                let read = match backend.rx_fd() {
+                    Some(fd) => match self.receive_direct(&mut ring, dma, fd, neg, stats, used)? {
+                        Direct::Done => continue,
+                        Direct::Spilled(n) => Ok(n),
+                        Direct::Failed(e) => Err(e),
+                        Direct::Bounce => backend.read_frame(&mut [IoSliceMut::new(&mut self.buf)]),
+                    },
+                    None => backend.read_frame(&mut [IoSliceMut::new(&mut self.buf)]),
+                };
+                match read {
                     Ok(0) => return Ok(()),
                     Ok(n) if n < VNET_HDR_LEN + ETH_HLEN => {
                         stats.rx_dropped += 1;
@@ -511,6 +538,103 @@ impl Rx {
                 }
             }
         }
+    }
+
+    /// Receive one frame from `fd` with one `readv` straight into the next receive chain's
+    /// buffers (no copy), the part that does not fit going to `self.buf`. A frame that fits is
+    /// finished in place (header flags, `num_buffers` = 1) and returned to the driver. One that
+    /// does not fit is put together in `self.buf` (its front copied back from the chain, which
+    /// goes back to the available ring) for [`Rx::deliver`] to spread over several chains, or
+    /// dropped without MRG_RXBUF, as on the copying path.
+    fn receive_direct(
+        &mut self,
+        ring: &mut Ring<'_, '_>,
+        dma: &DmaSnapshot,
+        fd: RawFd,
+        neg: Negotiated,
+        stats: &mut NetStats,
+        used: &mut bool,
+    ) -> Result<Direct, QueueError> {
+        let start = ring.next_avail();
+        let chain = ring.pop()?;
+        let head = chain.head_index();
+        self.ranges.clear();
+        let capacity = match parse_rx_chain(chain, dma, &mut self.ranges) {
+            Ok(c) => c,
+            Err(e) => {
+                stats.rx_bad_chains += 1;
+                tracing::debug!(head, "virtio-net: receive chain returned unused: {e}");
+                ring.add_used(head, 0)?;
+                *used = true;
+                return Ok(Direct::Done);
+            }
+        };
+        let mut sg = SgList::new();
+        for r in &self.ranges {
+            sg.push(r.addr, r.len);
+        }
+        // capacity <= MAX_FRAME_LEN: header and frame together stay within MAX_FRAME_LEN, as
+        // on the copying path.
+        let n = match dma.read_fd(fd, &sg, &mut self.buf[..MAX_FRAME_LEN - capacity]) {
+            Ok(n) => n,
+            Err(super::DmaError::Io(e)) => {
+                ring.rewind(start);
+                return Ok(Direct::Failed(e));
+            }
+            Err(e) => {
+                // More host pieces than one readv takes (a chain of many small buffers behind
+                // an IOMMU): this frame takes the copying path.
+                tracing::debug!(head, "virtio-net: receive without a copy: {e}");
+                ring.rewind(start);
+                return Ok(Direct::Bounce);
+            }
+        };
+        if n > capacity {
+            ring.rewind(start);
+            if !neg.mrg_rxbuf {
+                // The driver sized its buffers for the largest frame it accepts; the chain is
+                // fine for the next one.
+                stats.rx_dropped += 1;
+                tracing::debug!(
+                    len = n,
+                    "virtio-net: received frame dropped: larger than the receive buffer"
+                );
+                return Ok(Direct::Done);
+            }
+            // The tail is at the front of buf: move it behind the front, which the chain holds.
+            self.buf.copy_within(..n - capacity, capacity);
+            if let Err(e) = dma.read_sg(&sg, &mut self.buf[..capacity]) {
+                // Checked writable in this snapshot, hence readable: cannot happen.
+                tracing::debug!(head, "virtio-net: receive buffer read back failed: {e}");
+            }
+            return Ok(Direct::Spilled(n));
+        }
+        if n < VNET_HDR_LEN + ETH_HLEN {
+            ring.rewind(start);
+            stats.rx_dropped += 1;
+            tracing::debug!(len = n, "virtio-net: runt frame from the backend dropped");
+            return Ok(Direct::Done);
+        }
+        // The header as the backend wrote it, finished for the guest.
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        let finished = dma.read_sg(&sg, &mut hdr).and_then(|_| {
+            if !neg.guest_csum {
+                // Without GUEST_CSUM the header flags must be zero (5.1.6.4).
+                hdr[0] = 0;
+            }
+            hdr[NUM_BUFFERS_OFFSET..].copy_from_slice(&1u16.to_le_bytes());
+            dma.write_sg(&sg, &hdr)
+        });
+        if let Err(e) = finished {
+            // Checked writable in this snapshot: cannot happen.
+            tracing::debug!(head, "virtio-net: receive header: {e}");
+        }
+        // n <= MAX_FRAME_LEN.
+        ring.add_used(head, u32::try_from(n).unwrap_or(u32::MAX))?;
+        *used = true;
+        stats.rx_frames += 1;
+        stats.rx_bytes += n as u64;
+        Ok(Direct::Done)
     }
 
     /// Put the pending frame into the guest's receive chains.

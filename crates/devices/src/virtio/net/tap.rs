@@ -170,6 +170,11 @@ impl NetBackend for Tap {
         Some(self.fd())
     }
 
+    fn rx_fd(&self) -> Option<RawFd> {
+        // A tap gives one frame per read(v), cut to the buffers' length.
+        Some(self.fd())
+    }
+
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         Tap::set_offload(self, flags).map_err(|e| match e {
             TapError::Ioctl { source, .. } => source,

@@ -145,6 +145,20 @@ struct SockBackend {
     sock: UnixDatagram,
     reads: Arc<AtomicUsize>,
     offload: Arc<AtomicU32>,
+    /// Offer the socket as `rx_fd`, as a tap does: the device receives into guest buffers.
+    direct: bool,
+}
+
+thread_local! {
+    /// Backends made on this thread (one test) offer `rx_fd`.
+    static DIRECT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run a receive test with backends that the device reads straight into guest buffers (as a
+/// tap), instead of through its own buffer. `reads` counts only the latter.
+fn direct(test: fn()) {
+    DIRECT.set(true);
+    test();
 }
 
 impl AsRawFd for SockBackend {
@@ -167,6 +181,10 @@ impl NetBackend for SockBackend {
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         self.offload.store(flags, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn rx_fd(&self) -> Option<RawFd> {
+        self.direct.then(|| self.sock.as_raw_fd())
     }
 }
 
@@ -197,6 +215,7 @@ fn device() -> (
         sock,
         reads: reads.clone(),
         offload: offload.clone(),
+        direct: DIRECT.get(),
     };
     let cfg = NetConfig {
         mac: Some(MAC),
@@ -334,6 +353,7 @@ fn config_space_and_features() {
             sock,
             reads: Arc::default(),
             offload: Arc::default(),
+            direct: false,
         },
         NetConfig::default(),
     );
@@ -561,13 +581,16 @@ fn mergeable_frame_waits_for_enough_buffers() {
     s.peer.send(&sent).unwrap();
     let first = s.rx.add(&[Desc::w(BUF, 1024)]);
     s.dev.process_backend();
-    assert_eq!(s.reads.load(Ordering::SeqCst), 1);
+    // Read into the device's buffer, or into the chain and then copied there.
+    let direct = DIRECT.get();
+    let reads = |n: usize| if direct { 0 } else { n };
+    assert_eq!(s.reads.load(Ordering::SeqCst), reads(1));
     assert_eq!(s.rx.used_idx(), 0, "frame waits");
     assert_eq!(s.rx.avail_event(), 1, "kick wanted at the next buffer");
     // More input does not get read while the frame waits.
     s.peer.send(&with_hdr(hdr(0, 0), &frame(60, 1))).unwrap();
     s.dev.process_backend();
-    assert_eq!(s.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(s.reads.load(Ordering::SeqCst), reads(1));
 
     let second = s.rx.add(&[Desc::w(BUF + 0x1000, 1024)]);
     s.dev.process_queue(RX_QUEUE);
@@ -582,12 +605,13 @@ fn mergeable_frame_waits_for_enough_buffers() {
     assert_eq!(s.rx.read(BUF + 10, 2), [3, 0]);
     assert_eq!(s.rx.read(BUF + 0x2000, 964), &sent[2048..]);
     // The second frame stays in the backend until there is a buffer for it.
-    assert_eq!(s.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(s.reads.load(Ordering::SeqCst), reads(1));
     s.rx.add(&[Desc::w(BUF + 0x3000, 1024)]);
     s.dev.process_queue(RX_QUEUE);
     // One read for it, and none after: no buffers are left.
-    assert_eq!(s.reads.load(Ordering::SeqCst), 2);
+    assert_eq!(s.reads.load(Ordering::SeqCst), reads(2));
     assert_eq!(s.rx.used_idx(), 4);
+    assert_eq!(s.rx.read(BUF + 0x3000 + 12, 60), frame(60, 1));
     assert_eq!(s.dev.stats().rx_frames, 2);
 }
 
@@ -1127,4 +1151,48 @@ mod real_tap {
             .unwrap();
         });
     }
+}
+
+// The receive tests again, with a backend that the device reads straight into the guest's
+// buffers (as a tap): a frame that fits one chain lands there without a copy; a longer one is
+// put together in the device's buffer (mergeable) or dropped, as on the copying path.
+
+#[test]
+fn direct_received_frame_lands_in_the_guests_buffer() {
+    direct(received_frame_lands_in_the_guests_buffer);
+}
+
+#[test]
+fn direct_without_guest_csum_header_flags_are_cleared() {
+    direct(without_guest_csum_header_flags_are_cleared);
+}
+
+#[test]
+fn direct_mergeable_buffers_spread_a_frame_over_chains() {
+    direct(mergeable_buffers_spread_a_frame_over_chains);
+}
+
+#[test]
+fn direct_mergeable_frame_waits_for_enough_buffers() {
+    direct(mergeable_frame_waits_for_enough_buffers);
+}
+
+#[test]
+fn direct_malformed_receive_chains_are_returned_unused() {
+    direct(malformed_receive_chains_are_returned_unused);
+}
+
+#[test]
+fn direct_frame_too_big_for_a_buffer_is_dropped_and_the_buffer_kept() {
+    direct(frame_too_big_for_a_buffer_is_dropped_and_the_buffer_kept);
+}
+
+#[test]
+fn direct_mergeable_frame_larger_than_the_ring_is_dropped() {
+    direct(mergeable_frame_larger_than_the_ring_is_dropped);
+}
+
+#[test]
+fn direct_random_chains_and_frames_never_panic() {
+    direct(random_chains_and_frames_never_panic);
 }
