@@ -17,18 +17,14 @@
  * mapping of its own; everything below 8 MiB (image, rings, stack) is one
  * mapping per domain.
  */
-#include "guest.h"
+#include "viommu.h"
 
 #define QSIZE 8
 #define T_IN 0
 #define T_OUT 1
 
-#define R_ATTACH 1
-#define R_MAP 3
-#define R_UNMAP 4
-#define R_PROBE 5
-#define MAP_R 1
-#define MAP_W 2
+#define MAP_R VIOMMU_MAP_R
+#define MAP_W VIOMMU_MAP_W
 #define PROBE_SIZE_MAX 512
 
 #define LOW_SIZE 0x800000u            /* image, rings, stack: one mapping */
@@ -49,55 +45,18 @@ static void check(int ok, const char *what)
 
 /* ---- the IOMMU's request and event queues ---------------------------------- */
 
-static u8 req[72] __attribute__((aligned(8)));
 static u8 props[PROBE_SIZE_MAX];
-static volatile u8 tail[4];
 static u8 events[4][24] __attribute__((aligned(8)));
 static u8 head_slot[QSIZE];
 
-static void put32(u32 at, u32 v) { memcpy(&req[at], &v, 4); }
-static void put64(u32 at, u64 v) { memcpy(&req[at], &v, 8); }
-
-/* Send `len` bytes of `req` (type `type`), return the tail's status (0xFF: no answer). */
-static u8 iommu_req(u8 type, u32 len, u8 *out, u32 out_len)
-{
-	req[0] = type;
-	tail[0] = 0xFF;
-	struct vbuf b[3] = { { req, len, 0 }, { out, out_len, 1 }, { (void *)tail, 4, 1 } };
-	if (!out_len)
-		b[1] = b[2];
-	if (virtq_xfer(&iommu.q[0], b, out_len ? 3 : 2) < 0)
-		return 0xFF;
-	return tail[0];
-}
-
-static u8 attach(u32 domain, u32 endpoint)
-{
-	memset(req, 0, sizeof(req));
-	put32(4, domain);
-	put32(8, endpoint);
-	return iommu_req(R_ATTACH, 20, NULL, 0);
-}
+static u8 attach(u32 domain, u32 endpoint) { return viommu_attach(&iommu, domain, endpoint); }
 
 static u8 map(u32 domain, u64 iova, u64 gpa, u64 len, u32 flags)
 {
-	memset(req, 0, sizeof(req));
-	put32(4, domain);
-	put64(8, iova);
-	put64(16, iova + len - 1);
-	put64(24, gpa);
-	put32(32, flags);
-	return iommu_req(R_MAP, 36, NULL, 0);
+	return viommu_map(&iommu, domain, iova, gpa, len, flags);
 }
 
-static u8 unmap(u32 domain, u64 iova, u64 len)
-{
-	memset(req, 0, sizeof(req));
-	put32(4, domain);
-	put64(8, iova);
-	put64(16, iova + len - 1);
-	return iommu_req(R_UNMAP, 28, NULL, 0);
-}
+static u8 unmap(u32 domain, u64 iova, u64 len) { return viommu_unmap(&iommu, domain, iova, len); }
 
 static void post_event(u32 i)
 {
@@ -183,19 +142,13 @@ static u32 viot_endpoints(u16 iommu_bdf)
 	return ranges;
 }
 
-static u16 bdf_of(struct virtio_dev *d) { return (u16)((d->cfg - pci_ecam) >> 12); }
-
 int guest_main(struct boot_info *bi)
 {
 	(void)bi;
 	virtio_irq_init();
 
-	/* The IOMMU: untranslated itself (it does not offer ACCESS_PLATFORM). */
-	if (virtio_init(&iommu, 23, 0) ||
-	    virtio_negotiate(&iommu, (1 << 0) | (1 << 1) | (1 << 2) | (1 << 4) | (1 << 6)) ||
-	    virtio_queue_init(&iommu, 0, QSIZE, 1) || virtio_queue_init(&iommu, 1, QSIZE, 0))
+	if (viommu_init(&iommu, QSIZE))
 		return 1;
-	virtio_driver_ok(&iommu);
 	for (u32 i = 0; i < 4; i++)
 		post_event(i);
 	u64 mask = ((u64)virtio_cfg32(&iommu, 4) << 32) | virtio_cfg32(&iommu, 0);
@@ -208,16 +161,14 @@ int guest_main(struct boot_info *bi)
 	for (u32 i = 0; i < 2; i++)
 		if (virtio_init(&disk[i], VIRTIO_ID_BLOCK, i))
 			return 1;
-	u16 a = bdf_of(&disk[0]), b = bdf_of(&disk[1]);
-	print("iommu at %x, disks at %x and %x\n", bdf_of(&iommu), a, b);
-	check(viot_endpoints(bdf_of(&iommu)) >= 1, "viot");
+	u16 a = virtio_bdf(&disk[0]), b = virtio_bdf(&disk[1]);
+	print("iommu at %x, disks at %x and %x\n", virtio_bdf(&iommu), a, b);
+	check(viot_endpoints(virtio_bdf(&iommu)) >= 1, "viot");
 
 	/* PROBE disk A: properties, then the tail. */
-	memset(req, 0, sizeof(req));
-	put32(4, a);
 	if (probe_size > PROBE_SIZE_MAX)
 		probe_size = PROBE_SIZE_MAX;
-	check(iommu_req(R_PROBE, 72, props, probe_size) == 0, "probe");
+	check(viommu_probe(&iommu, a, props, probe_size) == 0, "probe");
 	for (u32 at = 0; at + 4 <= probe_size;) {
 		u16 type = *(u16 *)&props[at] & 0xfff, plen = *(u16 *)&props[at + 2];
 		if (!type)

@@ -9,6 +9,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod net;
+
 /// A guard against a hung guest: far above any expected run, not a performance assertion.
 pub const HANG_LIMIT: Duration = Duration::from_secs(120);
 
@@ -234,4 +236,70 @@ pub fn assert_printed(out: &Output, lines: &[&str]) {
     for line in lines {
         assert!(out.stdout.contains(line), "missing `{line}`: {out:?}");
     }
+}
+
+/// A network namespace of the test's own, deleted on drop (also when the test panics).
+pub struct NetNs(pub String);
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("manifold-{tag}-{}", std::process::id());
+        if std::path::Path::new("/run/netns").join(&name).exists() {
+            let _ = ip(&["netns", "del", &name]);
+        }
+        assert!(ip(&["netns", "add", &name]), "ip netns add {name}");
+        Self(name)
+    }
+
+    /// Run `ip` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> bool {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Run a thread that enters the namespace, call `f` there, return its result. What `f`
+    /// creates there (sockets) stays in the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.0)).expect("open netns");
+        std::thread::spawn(move || {
+            // SAFETY: setns() on a descriptor we own; it changes this thread's network
+            // namespace only, and the thread ends when `f` returns.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.0]);
+    }
+}
+
+pub fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether this host can run the tap tests; if not, they are skipped, except on CI.
+pub fn can_make_taps() -> bool {
+    // SAFETY: geteuid() has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIPPED: needs root and /dev/net/tun");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with /dev/net/tun"
+        );
+        return false;
+    }
+    true
 }
