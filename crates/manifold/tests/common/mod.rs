@@ -14,7 +14,7 @@ pub mod net;
 /// A guard against a hung guest: far above any expected run, not a performance assertion.
 pub const HANG_LIMIT: Duration = Duration::from_secs(120);
 
-fn repo_root() -> PathBuf {
+pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
@@ -70,6 +70,7 @@ pub struct Running {
     seen: Vec<String>,
     stderr: std::thread::JoinHandle<String>,
     started: Instant,
+    limit: Duration,
 }
 
 impl Running {
@@ -107,13 +108,20 @@ impl Running {
             seen: Vec::new(),
             stderr,
             started: Instant::now(),
+            limit: HANG_LIMIT,
         }
+    }
+
+    /// A hang guard other than [`HANG_LIMIT`], for guests that take minutes (stock Linux).
+    pub fn with_limit(mut self, limit: Duration) -> Self {
+        self.limit = limit;
+        self
     }
 
     /// Wait for a stdout line containing `needle`; panics (with what was seen) on hang or EOF.
     pub fn wait_for(&mut self, needle: &str) -> String {
         loop {
-            let left = HANG_LIMIT.saturating_sub(self.started.elapsed());
+            let left = self.limit.saturating_sub(self.started.elapsed());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
@@ -157,7 +165,7 @@ impl Running {
                     stderr: self.stderr.join().unwrap_or_default(),
                 };
             }
-            if self.started.elapsed() > HANG_LIMIT {
+            if self.started.elapsed() > self.limit {
                 let _ = self.child.kill();
                 panic!("manifold did not exit in time; saw {:#?}", self.seen);
             }
