@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_GUEST_CSUM;
@@ -55,7 +56,10 @@ struct Wire {
     fail_offload: bool,
 }
 
-struct FakeBackend(Arc<Mutex<Wire>>);
+/// The in-memory backend; with `direct`, also a datagram socket offered as `rx_fd` (as a tap
+/// is), which the device then reads frames from straight into guest buffers. The harness
+/// moves frames from `inbound` into it before each receive kick.
+struct FakeBackend(Arc<Mutex<Wire>>, Option<UnixDatagram>);
 
 impl AsRawFd for FakeBackend {
     fn as_raw_fd(&self) -> RawFd {
@@ -106,6 +110,17 @@ impl NetBackend for FakeBackend {
             Ok(())
         }
     }
+
+    fn rx_fd(&self) -> Option<RawFd> {
+        self.1.as_ref().map(AsRawFd::as_raw_fd)
+    }
+}
+
+/// The harness's ends of a direct backend's socket: `peer` sends what the device reads from
+/// `own` (a clone of the device's end, to take back what it has not read at a reset).
+struct Direct {
+    peer: UnixDatagram,
+    own: UnixDatagram,
 }
 
 struct Harness {
@@ -122,6 +137,7 @@ struct Harness {
     served: usize,
     /// Received frames checked byte for byte.
     matched: usize,
+    direct: Option<Direct>,
 }
 
 impl Harness {
@@ -181,7 +197,39 @@ impl Harness {
         self.served += heads.len();
     }
 
+    /// Direct backend: move the frames waiting in `inbound` into the socket, in order, as
+    /// many as it takes.
+    fn flush_inbound(&mut self) {
+        let Some(d) = &self.direct else {
+            return;
+        };
+        let mut w = lock(&self.wire);
+        while let Some(f) = w.inbound.front() {
+            if d.peer.send(f).is_err() {
+                break;
+            }
+            w.inbound.pop_front();
+        }
+    }
+
+    /// Direct backend: frames the device has not read yet go back to the front of `inbound`.
+    fn take_back_unread(&mut self) {
+        let Some(d) = &self.direct else {
+            return;
+        };
+        let mut unread = Vec::new();
+        let mut buf = vec![0u8; MAX_FRAME_LEN + 16];
+        while let Ok(n) = d.own.recv(&mut buf) {
+            unread.push(buf[..n].to_vec());
+        }
+        let mut w = lock(&self.wire);
+        for f in unread.into_iter().rev() {
+            w.inbound.push_front(f);
+        }
+    }
+
     fn kick_rx(&mut self, through_backend: bool) {
+        self.flush_inbound();
         let before = self.drv.before(0, self.dev.is_active());
         if through_backend {
             self.dev.process_backend();
@@ -362,8 +410,21 @@ fn run(data: &[u8]) -> (usize, usize) {
         fail_offload: opts & 32 != 0,
         ..Default::default()
     }));
+    let (own, direct) = if opts & 64 != 0 {
+        let Ok((own, peer)) = UnixDatagram::pair() else {
+            return (0, 0);
+        };
+        let clone = own.try_clone().ok();
+        let ok = own.set_nonblocking(true).is_ok() && peer.set_nonblocking(true).is_ok();
+        match clone {
+            Some(clone) if ok => (Some(own), Some(Direct { peer, own: clone })),
+            _ => return (0, 0),
+        }
+    } else {
+        (None, None)
+    };
     let mut h = Harness {
-        dev: Net::new(FakeBackend(wire.clone()), cfg),
+        dev: Net::new(FakeBackend(wire.clone(), own), cfg),
         drv: Driver {
             mem: guest_memory(),
             rings: vec![rx, tx],
@@ -376,6 +437,7 @@ fn run(data: &[u8]) -> (usize, usize) {
         cursor: 0,
         served: 0,
         matched: 0,
+        direct,
     };
     h.activate();
 
@@ -475,6 +537,7 @@ fn run(data: &[u8]) -> (usize, usize) {
             }
             _ => {
                 h.dev.reset();
+                h.take_back_unread();
                 for r in 0..2 {
                     let ring = &h.drv.rings[r];
                     for (at, len) in [ring.avail_range(), ring.used_range()] {
