@@ -434,6 +434,10 @@ impl DmaMemory {
             return true;
         }
         let phys = &self.space.phys;
+        if self.space.iommu.is_none() {
+            // Identity: nothing to translate or count.
+            return push_phys(phys, addr, len, out);
+        }
         let mut in_memory = true;
         let translated = self.translate_all(addr, len, access, |gpa, n| {
             in_memory = in_memory && push_phys(phys, gpa, n, out);
@@ -443,6 +447,7 @@ impl DmaMemory {
 }
 
 /// Append the host slices of guest physical `[gpa, gpa+n)`; false if it is not all memory.
+#[inline]
 fn push_phys<'a>(phys: &'a PhysMemory, gpa: u64, n: usize, out: &mut Slices<'a>) -> bool {
     // One region holds it (nearly always): no iterator.
     if let Some(region) = phys.find_region(GuestAddress(gpa)) {
