@@ -32,7 +32,7 @@ use vm_memory::{ByteValued, GuestMemoryMmap, Permissions, VolatileSlice};
 mod translate;
 
 use translate::Space;
-pub use translate::{DmaIommu, DmaMemory, DmaSlices, IotlbStats};
+pub use translate::{DmaIommu, DmaMapping, DmaMemory, DmaSlices, IotlbStats};
 
 /// Guest physical memory as the VMM maps it into KVM.
 pub type PhysMemory = GuestMemoryMmap;

@@ -80,6 +80,15 @@ struct Table {
     refused: AtomicU64,
 }
 
+/// One mapping of a domain: `[start, last]` (inclusive) to `phys` with `perm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaMapping {
+    pub start: u64,
+    pub last: u64,
+    pub phys: u64,
+    pub perm: Permissions,
+}
+
 /// Who an endpoint-specific [`DmaIommu`] reports faults as.
 #[derive(Clone)]
 struct FaultTarget {
@@ -191,6 +200,46 @@ impl DmaIommu {
             carve(&mut self.table(), iova, iova + (len - 1));
         }
         Ok(())
+    }
+
+    /// How many mappings the table holds.
+    pub fn len(&self) -> usize {
+        self.table
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The mappings that hold any of `[start, last]`, in address order.
+    pub fn overlapping(&self, start: u64, last: u64) -> Vec<DmaMapping> {
+        let table = self
+            .table
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut hit: Vec<DmaMapping> = table
+            .range(..=last)
+            .rev()
+            .take_while(|(_, t)| t.last >= start)
+            .map(|(&s, t)| DmaMapping {
+                start: s,
+                last: t.last,
+                phys: t.phys,
+                perm: t.perm,
+            })
+            .collect();
+        hit.reverse();
+        hit
+    }
+
+    /// Every mapping, in address order.
+    pub fn mappings(&self) -> Vec<DmaMapping> {
+        self.overlapping(0, u64::MAX)
     }
 
     /// Lookups, cache answers and refusals since the table was made (all endpoints).

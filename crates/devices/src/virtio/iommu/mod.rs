@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use virtio_queue::Queue;
+use vm_memory::Permissions;
 
 use super::dma::{DmaFault, DmaIommu, DmaSnapshot, FaultKind, FaultReporter, IotlbStats};
 use super::queue::{QueueError, fill, parse_chain};
@@ -248,7 +249,7 @@ pub struct Mapping {
 #[derive(Debug)]
 struct Domain {
     bypass: bool,
-    mappings: BTreeMap<u64, Mapping>,
+    /// The domain's mappings: the one table, which devices translate through too.
     iotlb: DmaIommu,
     endpoints: BTreeSet<u32>,
 }
@@ -357,9 +358,29 @@ impl VirtioIommu {
         self.state.endpoints.get(&endpoint)?.domain
     }
 
-    /// The mappings of `domain`, by start address.
-    pub fn mappings(&self, domain: u32) -> Option<&BTreeMap<u64, Mapping>> {
-        self.state.domains.get(&domain).map(|d| &d.mappings)
+    /// The mappings of `domain`, by start address (a copy, for tests and inspection).
+    pub fn mappings(&self, domain: u32) -> Option<BTreeMap<u64, Mapping>> {
+        let d = self.state.domains.get(&domain)?;
+        Some(
+            d.iotlb
+                .mappings()
+                .into_iter()
+                .map(|m| {
+                    let flags = match m.perm {
+                        Permissions::No => 0,
+                        Permissions::Read => request::MAP_F_READ,
+                        Permissions::Write => request::MAP_F_WRITE,
+                        Permissions::ReadWrite => request::MAP_F_READ | request::MAP_F_WRITE,
+                    };
+                    let mapping = Mapping {
+                        end: m.last,
+                        phys: m.phys,
+                        flags,
+                    };
+                    (m.start, mapping)
+                })
+                .collect(),
+        )
     }
 
     pub fn mapping_count(&self) -> usize {
@@ -536,7 +557,7 @@ impl State {
         if let Some(d) = self.domains.get_mut(&old) {
             d.endpoints.remove(&id);
             if d.endpoints.is_empty() {
-                self.mapping_count -= d.mappings.len();
+                self.mapping_count -= d.iotlb.len();
                 self.domains.remove(&old);
             }
         }

@@ -7,11 +7,9 @@
 //! the tail, an unknown type and PROBE without its feature are returned unwritten (used length
 //! 0), as the spec asks.
 
-use std::collections::BTreeMap;
-
 use vm_memory::Permissions;
 
-use super::{Domain, MSI_END, MSI_START, Mapping, PROBE_SIZE, QUEUE_SIZE, State, Status, feature};
+use super::{Domain, MSI_END, MSI_START, PROBE_SIZE, QUEUE_SIZE, State, Status, feature};
 use crate::virtio::dma::{DmaIommu, DmaSnapshot};
 use crate::virtio::queue::{Chain, parse_chain};
 
@@ -211,7 +209,6 @@ impl State {
         self.leave_domain(endpoint);
         let d = self.domains.entry(domain).or_insert_with(|| Domain {
             bypass,
-            mappings: BTreeMap::new(),
             iotlb: DmaIommu::new(),
             endpoints: Default::default(),
         });
@@ -278,11 +275,8 @@ impl State {
         if ranges_overlap((virt_start, virt_end), (MSI_START, MSI_END)) {
             return Status::Inval;
         }
-        // Mappings are disjoint: only the last one starting at or before virt_end can reach in.
-        if let Some((_, m)) = d.mappings.range(..=virt_end).next_back() {
-            if m.end >= virt_start {
-                return Status::Inval;
-            }
+        if !d.iotlb.overlapping(virt_start, virt_end).is_empty() {
+            return Status::Inval;
         }
         if self.mapping_count >= self.config.max_mappings {
             return Status::NoMem;
@@ -296,18 +290,10 @@ impl State {
             return Status::Fault;
         }
         if let Err(e) = d.iotlb.map(virt_start, phys_start, len, permissions(flags)) {
-            tracing::warn!("virtio-iommu: IOTLB refused a checked mapping: {e}");
+            tracing::warn!("virtio-iommu: table refused a checked mapping: {e}");
             return Status::DevErr;
         }
-        let mapping = Mapping {
-            end: virt_end,
-            phys: phys_start,
-            flags,
-        };
-        if let Some(d) = self.domains.get_mut(&domain) {
-            d.mappings.insert(virt_start, mapping);
-            self.mapping_count += 1;
-        }
+        self.mapping_count += 1;
         Status::Ok
     }
 
@@ -334,31 +320,26 @@ impl State {
         if d.bypass {
             return Status::Inval;
         }
-        // Every mapping the range touches, last first; refuse before removing any if one would
-        // be split.
-        let mut hit = Vec::new();
-        for (&start, m) in d.mappings.range(..=virt_end).rev() {
-            if m.end < virt_start {
-                break;
-            }
-            if start < virt_start || m.end > virt_end {
-                return Status::Range;
-            }
-            hit.push(start);
+        // Every mapping the range touches; refuse before removing any if one would be split.
+        let hit = d.iotlb.overlapping(virt_start, virt_end);
+        if hit
+            .iter()
+            .any(|m| m.start < virt_start || m.last > virt_end)
+        {
+            return Status::Range;
         }
         if hit.is_empty() {
             return Status::Ok;
         }
-        for start in &hit {
-            if let Some(m) = d.mappings.remove(start) {
-                // Within the input range: the length fits and does not wrap.
-                if let Err(e) = d.iotlb.unmap(*start, m.end - start + 1) {
-                    tracing::warn!("virtio-iommu: IOTLB refused an unmap: {e}");
-                }
+        // Each mapping is within the input range, so its length fits and does not wrap (the
+        // request's range may run to u64::MAX, and so may not).
+        for m in &hit {
+            if let Err(e) = d.iotlb.unmap(m.start, m.last - m.start + 1) {
+                tracing::warn!("virtio-iommu: table refused an unmap: {e}");
             }
         }
         self.mapping_count -= hit.len();
-        // The IOTLB no longer translates the range; wait for accesses that already did.
+        // The table no longer translates the range; wait for accesses that already did.
         let ids: Vec<u32> = d.endpoints.iter().copied().collect();
         for id in ids {
             if let Some(e) = self.endpoints.get(&id) {
