@@ -1,26 +1,35 @@
 //! virtio-net packet rate: the device model driven in-process by a synthetic driver (both split
 //! queues of 256 in real guest memory) to and from a tap, against raw `write`s and `read`s of
 //! the same frames on the same tap, interleaved round by round (which goes first alternates).
-//! Prints min/median/max packets per second of each, the ratio of the medians (device / raw)
-//! and the median of the per-round ratios; asserts nothing about time.
+//! Prints min/median/max packets per second of each, the ratio of the medians (device / raw),
+//! the median of the per-round ratios, and the same ratio on the thread's CPU time (not
+//! counting time the machine gave to other processes); asserts nothing about time.
 //!
 //! - TX (guest -> tap): `BATCH` one-descriptor chains (vnet header + frame) made available per
-//!   kick, served by `process_queue(TX)`; raw: one `write` per frame on the tap's fd.
+//!   kick, served by `process_queue(TX)`; raw: one `write` per frame on the tap's fd. The
+//!   device's wall-clock time is that of its `process_queue` calls (in a VM the driver runs on
+//!   the vCPU, not on the device's thread); its CPU time is the whole run's, driver included.
 //! - RX (tap -> guest): the frames are queued on the tap first (an AF_PACKET socket sends them
 //!   out of the tap, untimed); timed is the device moving them into 2 KiB receive buffers
-//!   (`process_backend`, MRG_RXBUF as Linux negotiates it) against one `read` per frame.
+//!   (`process_backend`, MRG_RXBUF as Linux negotiates it) against one `read` per frame;
+//!   wall-clock and CPU time of those steps only, on both sides.
 //!
 //! The tap lives in a network namespace of the benchmark's own (`unshare(CLONE_NEWNET)`), which
 //! goes away with the process. That needs root: without it the benchmark says so and skips.
 //!
 //! Run with `cargo bench -p bench --bench virtio_net`. Environment: `MANIFOLD_BENCH_ROUNDS`
-//! (default 11), `MANIFOLD_BENCH_ONLY` (workloads whose name contains it, e.g. `TX`).
+//! (default 11), `MANIFOLD_BENCH_ONLY` (workloads whose name contains it, e.g. `TX`),
+//! `MANIFOLD_BENCH_SIDE` (`raw` or `device`: run that side only and print no figures, for
+//! `perf record` or `time`, whose user/system split shows where each side's time goes).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{Clock, Took, spread};
 use devices::virtio::net::{Net, NetConfig, TX_QUEUE, Tap, VNET_HDR_LEN};
 use devices::virtio::{DmaSpace, VirtioDevice, VirtioInterrupt, features};
 use virtio_queue::{Queue, QueueT};
@@ -155,10 +164,12 @@ impl Driver<'_> {
         self.put(ring.avail + 2, self.rx_avail)
     }
 
-    /// Transmit `n` frames: make chains available `BATCH` per kick.
-    fn transmit(&mut self, dev: &mut Net<Tap>, n: u32) -> Result<(), String> {
+    /// Transmit `n` frames: make chains available `BATCH` per kick. Returns how long the
+    /// device took to serve the kicks.
+    fn transmit(&mut self, dev: &mut Net<Tap>, n: u32) -> Result<Duration, String> {
         let ring = Ring::at(TX_RING);
         let mut left = n;
+        let mut took = Duration::ZERO;
         while left > 0 {
             let k = left.min(u32::from(BATCH)) as u16;
             for _ in 0..k {
@@ -168,7 +179,9 @@ impl Driver<'_> {
             }
             std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
             self.put(ring.avail + 2, self.tx_avail)?;
+            let start = Instant::now();
             dev.process_queue(TX_QUEUE);
+            took += start.elapsed();
             let used: u16 = self.get(ring.used + 2)?;
             if used != self.tx_used.wrapping_add(k) {
                 return Err(format!(
@@ -179,7 +192,7 @@ impl Driver<'_> {
             self.tx_used = used;
             left -= u32::from(k);
         }
-        Ok(())
+        Ok(took)
     }
 
     /// Receive chains the device has used since the last call.
@@ -265,8 +278,8 @@ enum Dir {
 }
 
 /// Raw TX: one write(2) per frame (header + frame) on the tap's fd.
-fn raw_tx(fd: RawFd, pkt: &[u8]) -> Result<Duration, String> {
-    let start = Instant::now();
+fn raw_tx(fd: RawFd, pkt: &[u8]) -> Result<Took, String> {
+    let start = Clock::now();
     for _ in 0..FRAMES {
         // SAFETY: writes from `pkt`, which lives for the call, to the tap's fd.
         let n = unsafe { libc::write(fd, pkt.as_ptr().cast(), pkt.len()) };
@@ -279,13 +292,13 @@ fn raw_tx(fd: RawFd, pkt: &[u8]) -> Result<Duration, String> {
 
 /// Raw RX: frames queued on the tap (untimed), then one read per frame into as many 2 KiB
 /// buffers as the device's ring has.
-fn raw_rx(fd: RawFd, inj: &Injector, frame: &[u8], bufs: &mut [u8]) -> Result<Duration, String> {
-    let mut total = Duration::ZERO;
+fn raw_rx(fd: RawFd, inj: &Injector, frame: &[u8], bufs: &mut [u8]) -> Result<Took, String> {
+    let mut total = Took::ZERO;
     let mut slot = 0usize;
     let slots = bufs.len() / BUF_LEN as usize;
     for _ in 0..FRAMES / u32::from(RX_STEP) {
         inj.send(frame, RX_STEP)?;
-        let start = Instant::now();
+        let start = Clock::now();
         for _ in 0..RX_STEP {
             let b = &mut bufs[slot * BUF_LEN as usize..][..BUF_LEN as usize];
             slot = (slot + 1) % slots;
@@ -305,11 +318,11 @@ fn dev_rx(
     drv: &mut Driver<'_>,
     inj: &Injector,
     frame: &[u8],
-) -> Result<Duration, String> {
-    let mut total = Duration::ZERO;
+) -> Result<Took, String> {
+    let mut total = Took::ZERO;
     for _ in 0..FRAMES / u32::from(RX_STEP) {
         inj.send(frame, RX_STEP)?;
-        let start = Instant::now();
+        let start = Clock::now();
         dev.process_backend();
         total += start.elapsed();
         let n = drv.rx_done()?;
@@ -321,11 +334,6 @@ fn dev_rx(
     Ok(total)
 }
 
-fn spread(v: &[f64]) -> (f64, f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    (v[0], v[v.len() / 2], v[v.len() - 1])
-}
 
 fn kpps(d: Duration) -> f64 {
     f64::from(FRAMES) / d.as_secs_f64() / 1000.0
@@ -400,11 +408,12 @@ fn run() -> Result<(), String> {
     println!(
         "virtio-net device model vs raw tap read/write, {rounds} interleaved rounds of {FRAMES} \
          frames, tap {ifname} in a namespace of its own; kpps min/median/max; ratio = device \
-         median / raw median, and the median of the per-round ratios\n"
+         median / raw median, the median of the per-round ratios, and cpu = the median \
+         per-round ratio of thread CPU time (raw / device)\n"
     );
     println!(
-        "{:<16} {:>20} {:>20} {:>7} {:>9}  goal",
-        "workload", "raw kpps", "device kpps", "ratio", "per-round"
+        "{:<16} {:>20} {:>20} {:>7} {:>9} {:>7}  goal",
+        "workload", "raw kpps", "device kpps", "ratio", "per-round", "cpu"
     );
     let only = std::env::var("MANIFOLD_BENCH_ONLY").unwrap_or_default();
     let mut below = Vec::new();
@@ -426,9 +435,12 @@ fn run() -> Result<(), String> {
         let mut one = |dev: &mut Net<Tap>, drv: &mut Driver<'_>, device: bool| match (dir, device) {
             (Dir::Tx, false) => raw_tx(fd, &pkt),
             (Dir::Tx, true) => {
-                let start = Instant::now();
-                drv.transmit(dev, FRAMES)?;
-                Ok(start.elapsed())
+                let start = Clock::now();
+                let wall = drv.transmit(dev, FRAMES)?;
+                Ok(Took {
+                    wall,
+                    cpu: start.elapsed().cpu,
+                })
             }
             (Dir::Rx, false) => raw_rx(fd, &inj, &f, &mut bufs),
             (Dir::Rx, true) => dev_rx(dev, drv, &inj, &f),
@@ -436,31 +448,42 @@ fn run() -> Result<(), String> {
         // One unmeasured round each.
         one(&mut dev, &mut drv, false)?;
         one(&mut dev, &mut drv, true)?;
-        let (mut r, mut d, mut per) = (Vec::new(), Vec::new(), Vec::new());
+        if let Ok(side) = std::env::var("MANIFOLD_BENCH_SIDE") {
+            // One side only, for a profiler or `time`: no figures.
+            for _ in 0..rounds {
+                one(&mut dev, &mut drv, side == "device")?;
+            }
+            println!("{name}: {rounds} rounds of the {side} side only");
+            continue;
+        }
+        let (mut r, mut d, mut per, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..rounds {
             let first = i % 2 == 1;
             let a = one(&mut dev, &mut drv, first)?;
             let b = one(&mut dev, &mut drv, !first)?;
             let (rr, dd) = if first { (b, a) } else { (a, b) };
-            r.push(kpps(rr));
-            d.push(kpps(dd));
-            per.push(kpps(dd) / kpps(rr));
+            r.push(kpps(rr.wall));
+            d.push(kpps(dd.wall));
+            per.push(kpps(dd.wall) / kpps(rr.wall));
+            cpu.push(rr.cpu.as_secs_f64() / dd.cpu.as_secs_f64());
         }
         let (r0, r1, r2) = spread(&r);
         let (d0, d1, d2) = spread(&d);
         let (_, p1, _) = spread(&per);
+        let (_, c1, _) = spread(&cpu);
         let ratio = d1 / r1;
         let mark = if ratio >= GOAL { "ok" } else { "BELOW" };
         if ratio < GOAL {
             below.push(name);
         }
         println!(
-            "{:<16} {:>20} {:>20} {:>6.2}x {:>8.2}x  >= {GOAL}x {mark}",
+            "{:<16} {:>20} {:>20} {:>6.2}x {:>8.2}x {:>6.2}x  >= {GOAL}x {mark}",
             name,
             format!("{r0:.0}/{r1:.0}/{r2:.0}"),
             format!("{d0:.0}/{d1:.0}/{d2:.0}"),
             ratio,
-            p1
+            p1,
+            c1
         );
     }
     let s = dev.stats();

@@ -295,21 +295,22 @@ impl DmaSnapshot {
         self.write(addr, val.as_slice())
     }
 
-    /// The one host slice behind `[addr, addr+len)`, checked for `access`, or `None` when the
-    /// range is unreachable or split over several regions or mappings (a ring that the caller
-    /// then reads through the general path).
-    pub(crate) fn contiguous(
+    /// The host memory behind `[addr, addr+len)`, checked for `access` (a refusal is reported
+    /// once, as for any access): `Some` when it is one host slice, `None` when it is split over
+    /// several memory regions or mappings (the caller then takes its general path, which
+    /// translates again but cannot be refused).
+    pub(crate) fn single(
         &self,
         addr: u64,
         len: u64,
         access: Access,
-    ) -> Option<VolatileSlice<'_, ()>> {
+    ) -> Result<Option<VolatileSlice<'_, ()>>, DmaError> {
         let mut slices = Slices::new();
-        self.range_slices(addr, len, access, &mut slices).ok()?;
-        match slices.as_slice() {
+        self.range_slices(addr, len, access, &mut slices)?;
+        Ok(match slices.as_slice() {
             [one] => Some(*one),
             _ => None,
-        }
+        })
     }
 
     /// The host slices behind `[addr, addr+len)`, appended to `out`, checked for `access`
@@ -421,6 +422,14 @@ impl DmaSnapshot {
         sg: &SgList,
         align: usize,
     ) -> Result<(), DmaError> {
+        // One buffer in one host slice (a 4 KiB request): no list of slices to build.
+        if let [r] = sg.ranges()
+            && let Some(one) = self.single(r.addr, r.len, Access::Write)?
+        {
+            let result = file_io(file, offset, std::slice::from_ref(&one), align, true);
+            one.bitmap().mark_dirty(0, one.len());
+            return result;
+        }
         let slices = self.slices(sg, Access::Write)?;
         let result = file_io(file, offset, &slices, align, true);
         // Dirty-page tracking (migration): the device wrote these through raw pointers.
@@ -439,6 +448,11 @@ impl DmaSnapshot {
         sg: &SgList,
         align: usize,
     ) -> Result<(), DmaError> {
+        if let [r] = sg.ranges()
+            && let Some(one) = self.single(r.addr, r.len, Access::Read)?
+        {
+            return file_io(file, offset, std::slice::from_ref(&one), align, false);
+        }
         let slices = self.slices(sg, Access::Read)?;
         file_io(file, offset, &slices, align, false)
     }
@@ -448,6 +462,16 @@ impl DmaSnapshot {
     /// checked readable before the call. A frame in more host slices than one `writev` takes
     /// is refused ([`DmaError::ShortIo`] with nothing done).
     pub fn write_fd(&self, fd: RawFd, sg: &SgList) -> Result<usize, DmaError> {
+        // One buffer in one host slice (a frame as Linux sends it): no lists to build.
+        if let [r] = sg.ranges()
+            && let Some(one) = self.single(r.addr, r.len, Access::Read)?
+        {
+            let g = one.ptr_guard();
+            // SAFETY: the pointer and length describe guest memory that `single` checked
+            // as readable, mapped while the snapshot (borrowed by `one`) lives; write only
+            // reads it.
+            return retry_io(|| unsafe { libc::write(fd, g.as_ptr().cast(), g.len()) });
+        }
         let slices = self.slices(sg, Access::Read)?;
         if slices.len() > IOV_MAX {
             return Err(DmaError::ShortIo {
@@ -494,6 +518,29 @@ impl DmaSnapshot {
     /// the call gave it; an interrupted call is retried, any other failure (including
     /// `WouldBlock`) is [`DmaError::Io`] with nothing received.
     pub fn read_fd(&self, fd: RawFd, sg: &SgList, tail: &mut [u8]) -> Result<usize, DmaError> {
+        // One buffer in one host slice (a receive buffer as Linux posts it): two iovecs on
+        // the stack.
+        if let [r] = sg.ranges()
+            && let Some(one) = self.single(r.addr, r.len, Access::Write)?
+        {
+            let g = one.ptr_guard_mut();
+            let iovs = [
+                libc::iovec {
+                    iov_base: g.as_ptr().cast(),
+                    iov_len: g.len(),
+                },
+                libc::iovec {
+                    iov_base: tail.as_mut_ptr().cast(),
+                    iov_len: tail.len(),
+                },
+            ];
+            // SAFETY: the first iovec describes guest memory that `single` checked as
+            // writable, mapped while the snapshot (borrowed by `one`) lives; the second `tail`,
+            // borrowed mutably for the call; readv writes only inside them.
+            let n = retry_io(|| unsafe { libc::readv(fd, iovs.as_ptr(), 2) })?;
+            one.bitmap().mark_dirty(0, n.min(one.len()));
+            return Ok(n);
+        }
         let slices = self.slices(sg, Access::Write)?;
         if slices.len() >= IOV_MAX {
             return Err(DmaError::ShortIo {
@@ -542,6 +589,22 @@ impl DmaSnapshot {
             }
         }
         result
+    }
+}
+
+/// Run a `read`/`write`-style call until it is not interrupted; a negative result is the
+/// call's error.
+fn retry_io(mut call: impl FnMut() -> isize) -> Result<usize, DmaError> {
+    loop {
+        match usize::try_from(call()) {
+            Ok(n) => return Ok(n),
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(DmaError::Io(e));
+                }
+            }
+        }
     }
 }
 

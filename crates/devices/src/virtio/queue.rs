@@ -84,12 +84,32 @@ pub struct ChainFault {
     pub status: Option<u64>,
 }
 
-/// A descriptor table (the ring's or an indirect one): its guest address and, when it is one
-/// host slice, that slice.
-#[derive(Clone)]
+/// How a ring part or a descriptor table is reached, found out once per batch.
+#[derive(Clone, Copy)]
+enum Host<'a> {
+    /// One host slice holds all of it.
+    One(VolatileSlice<'a, ()>),
+    /// It is split over memory regions or IOMMU mappings: each access is translated.
+    Split,
+    /// Not reachable for the access (a fault was reported once): every access fails.
+    Refused,
+}
+
+impl<'a> Host<'a> {
+    fn resolve(dma: &'a DmaSnapshot, addr: u64, len: u64, access: Access) -> Self {
+        match dma.single(addr, len, access) {
+            Ok(Some(one)) => Host::One(one),
+            Ok(None) => Host::Split,
+            Err(_) => Host::Refused,
+        }
+    }
+}
+
+/// A descriptor table (the ring's or an indirect one): its guest address and how it is reached.
+#[derive(Clone, Copy)]
 struct Table<'a> {
     addr: u64,
-    host: Option<VolatileSlice<'a, ()>>,
+    host: Host<'a>,
 }
 
 impl Table<'_> {
@@ -98,8 +118,9 @@ impl Table<'_> {
         let offset = u64::from(index) * DESC_SIZE;
         match &self.host {
             // The slice holds every entry of the table: index < entries, checked by the caller.
-            Some(host) => Some(host.get_ref::<Descriptor>(offset as usize).ok()?.load()),
-            None => dma.read_obj(self.addr.checked_add(offset)?).ok(),
+            Host::One(host) => Some(host.get_ref::<Descriptor>(offset as usize).ok()?.load()),
+            Host::Split => dma.read_obj(self.addr.checked_add(offset)?).ok(),
+            Host::Refused => None,
         }
     }
 }
@@ -150,9 +171,7 @@ impl<'a> Chain<'a> {
         let addr = desc.addr().0;
         // One translation for the whole table; a table split over regions is read entry by
         // entry instead.
-        let host = self
-            .dma
-            .contiguous(addr, u64::from(desc.len()), Access::Read);
+        let host = Host::resolve(self.dma, addr, u64::from(desc.len()), Access::Read);
         self.table = Table { addr, host };
         self.entries = entries;
         self.next = 0;
@@ -198,9 +217,9 @@ pub struct Ring<'a, 'q> {
     size: u16,
     desc: Table<'a>,
     avail: u64,
-    avail_host: Option<VolatileSlice<'a, ()>>,
+    avail_host: Host<'a>,
     used: u64,
-    used_host: Option<VolatileSlice<'a, ()>>,
+    used_host: Host<'a>,
 }
 
 impl<'a, 'q> Ring<'a, 'q> {
@@ -212,10 +231,10 @@ impl<'a, 'q> Ring<'a, 'q> {
         Self {
             desc: Table {
                 addr: desc,
-                host: dma.contiguous(desc, n * DESC_SIZE, Access::Read),
+                host: Host::resolve(dma, desc, n * DESC_SIZE, Access::Read),
             },
-            avail_host: dma.contiguous(avail, RING_META + n * AVAIL_ELEM, Access::Read),
-            used_host: dma.contiguous(used, RING_META + n * USED_ELEM, Access::Write),
+            avail_host: Host::resolve(dma, avail, RING_META + n * AVAIL_ELEM, Access::Read),
+            used_host: Host::resolve(dma, used, RING_META + n * USED_ELEM, Access::Write),
             avail,
             used,
             size,
@@ -241,13 +260,14 @@ impl<'a, 'q> Ring<'a, 'q> {
     /// The driver's available index (acquire: entries it published before are visible).
     fn avail_idx(&self) -> Result<u16, QueueError> {
         let v = match &self.avail_host {
-            Some(h) => h.load::<u16>(2, Ordering::Acquire).ok(),
-            None => self.avail.checked_add(2).and_then(|a| {
+            Host::One(h) => h.load::<u16>(2, Ordering::Acquire).ok(),
+            Host::Split => self.avail.checked_add(2).and_then(|a| {
                 self.dma
                     .memory()
                     .load(GuestAddress(a), Ordering::Acquire)
                     .ok()
             }),
+            Host::Refused => None,
         };
         v.map(u16::from_le)
             .ok_or(QueueError::RingAccess("available"))
@@ -272,11 +292,12 @@ impl<'a, 'q> Ring<'a, 'q> {
         let index = self.queue.next_avail();
         let offset = RING_ENTRIES + u64::from(index % self.size) * AVAIL_ELEM;
         let head = match &self.avail_host {
-            Some(h) => h.get_ref::<u16>(offset as usize).ok().map(|r| r.load()),
-            None => self
+            Host::One(h) => h.get_ref::<u16>(offset as usize).ok().map(|r| r.load()),
+            Host::Split => self
                 .avail
                 .checked_add(offset)
                 .and_then(|a| self.dma.read_obj::<u16>(a).ok()),
+            Host::Refused => None,
         }
         .map(u16::from_le)
         .ok_or(QueueError::AvailEntry { index })?;
@@ -287,7 +308,7 @@ impl<'a, 'q> Ring<'a, 'q> {
             });
         }
         self.queue.set_next_avail(index.wrapping_add(1));
-        Ok(Chain::new(self.dma, self.desc.clone(), self.size, head))
+        Ok(Chain::new(self.dma, self.desc, self.size, head))
     }
 
     /// Return chain `head` to the driver with `len` bytes written: the used element, then the
@@ -299,13 +320,14 @@ impl<'a, 'q> Ring<'a, 'q> {
         let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
         let new = next.wrapping_add(1);
         let ok = match &self.used_host {
-            Some(h) => {
+            Host::One(h) => {
                 h.get_ref::<u64>(offset as usize)
                     .map(|r| r.store(elem))
                     .is_ok()
                     && h.store(new.to_le(), 2, Ordering::Release).is_ok()
             }
-            None => {
+            Host::Refused => false,
+            Host::Split => {
                 let mem = self.dma.memory();
                 self.used.checked_add(offset).is_some_and(|a| {
                     mem.write_obj(elem, GuestAddress(a)).is_ok()
@@ -684,11 +706,7 @@ mod tests {
             let snap = dma.snapshot();
             let in_one = {
                 let ring = Ring::new(&mut q, &snap);
-                [
-                    ring.desc.host.is_some(),
-                    ring.avail_host.is_some(),
-                    ring.used_host.is_some(),
-                ]
+                [ring.desc.host, ring.avail_host, ring.used_host].map(|h| matches!(h, Host::One(_)))
             };
             if i < 3 {
                 assert!(in_one.contains(&false), "base {base:#x}: {in_one:?}");

@@ -559,7 +559,8 @@ impl Rx {
         let chain = ring.pop()?;
         let head = chain.head_index();
         self.ranges.clear();
-        let capacity = match parse_rx_chain(chain, dma, &mut self.ranges) {
+        // read_fd checks the buffers (one translation for the check and the call).
+        let capacity = match parse_rx_chain(chain, None, &mut self.ranges) {
             Ok(c) => c,
             Err(e) => {
                 stats.rx_bad_chains += 1;
@@ -580,6 +581,13 @@ impl Rx {
             Err(super::DmaError::Io(e)) => {
                 ring.rewind(start);
                 return Ok(Direct::Failed(e));
+            }
+            Err(e @ super::DmaError::Unreachable { .. }) => {
+                stats.rx_bad_chains += 1;
+                tracing::debug!(head, "virtio-net: receive chain returned unused: {e}");
+                ring.add_used(head, 0)?;
+                *used = true;
+                return Ok(Direct::Done);
             }
             Err(e) => {
                 // More host pieces than one readv takes (a chain of many small buffers behind
@@ -615,16 +623,12 @@ impl Rx {
             tracing::debug!(len = n, "virtio-net: runt frame from the backend dropped");
             return Ok(Direct::Done);
         }
-        // The header as the backend wrote it, finished for the guest.
-        let mut hdr = [0u8; VNET_HDR_LEN];
-        let finished = dma.read_sg(&sg, &mut hdr).and_then(|_| {
-            if !neg.guest_csum {
-                // Without GUEST_CSUM the header flags must be zero (5.1.6.4).
-                hdr[0] = 0;
-            }
-            hdr[NUM_BUFFERS_OFFSET..].copy_from_slice(&1u16.to_le_bytes());
-            dma.write_sg(&sg, &hdr)
-        });
+        // The header as the backend wrote it, finished for the guest: num_buffers, and
+        // without GUEST_CSUM the flags must be zero (5.1.6.4).
+        let mut finished = write_at(dma, &sg, NUM_BUFFERS_OFFSET as u64, &1u16.to_le_bytes());
+        if !neg.guest_csum {
+            finished = finished.and_then(|()| write_at(dma, &sg, 0, &[0]));
+        }
         if let Err(e) = finished {
             // Checked writable in this snapshot: cannot happen.
             tracing::debug!(head, "virtio-net: receive header: {e}");
@@ -667,7 +671,7 @@ impl Rx {
             let chain = ring.pop()?;
             let head = chain.head_index();
             let first = self.ranges.len();
-            match parse_rx_chain(chain, dma, &mut self.ranges) {
+            match parse_rx_chain(chain, Some(dma), &mut self.ranges) {
                 Err(e) => {
                     self.ranges.truncate(first);
                     stats.rx_bad_chains += 1;
@@ -744,11 +748,38 @@ fn buffers_available(ring: &mut Ring<'_, '_>) -> Result<bool, QueueError> {
     Ok(false)
 }
 
-/// Check a receive chain (device-writable buffers only, every one reachable) and append its
-/// buffers to `ranges`. Returns its capacity, counted up to [`MAX_FRAME_LEN`].
+/// Write `bytes` at `offset` into the buffers of `sg` (the header of a frame received in
+/// place; nearly always inside the first buffer).
+fn write_at(
+    dma: &DmaSnapshot,
+    sg: &SgList,
+    mut offset: u64,
+    mut bytes: &[u8],
+) -> Result<(), super::DmaError> {
+    for r in sg.ranges() {
+        if bytes.is_empty() {
+            break;
+        }
+        if offset >= r.len {
+            offset -= r.len;
+            continue;
+        }
+        // offset < r.len, so the piece is at least one byte and fits a usize.
+        let n = usize::try_from(r.len - offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        dma.write(r.addr + offset, &bytes[..n])?;
+        bytes = &bytes[n..];
+        offset = 0;
+    }
+    Ok(())
+}
+
+/// Check a receive chain (device-writable buffers only; with `dma`, every one reachable) and
+/// append its buffers to `ranges`. Returns its capacity, counted up to [`MAX_FRAME_LEN`].
 fn parse_rx_chain(
     chain: Chain<'_>,
-    dma: &DmaSnapshot,
+    dma: Option<&DmaSnapshot>,
     ranges: &mut Vec<DmaRange>,
 ) -> Result<usize, RxChainError> {
     let mut capacity = 0usize;
@@ -769,8 +800,10 @@ fn parse_rx_chain(
         }
         let len = u64::from(desc.len()).min((MAX_FRAME_LEN - capacity) as u64);
         let addr = desc.addr().0;
-        dma.check(addr, len, Access::Write)
-            .map_err(RxChainError::Dma)?;
+        if let Some(dma) = dma {
+            dma.check(addr, len, Access::Write)
+                .map_err(RxChainError::Dma)?;
+        }
         ranges.push(DmaRange { addr, len });
         // len <= MAX_FRAME_LEN - capacity.
         capacity += usize::try_from(len).unwrap_or(MAX_FRAME_LEN);
