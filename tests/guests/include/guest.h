@@ -393,8 +393,12 @@ int virtio_init(struct virtio_dev *d, u32 type, u32 nth);
  * BARs), or sized and placed here if `bars` is NULL.
  */
 int virtio_init_at(struct virtio_dev *d, uptr cfg, const uptr *bars);
-/* Forget every queue's ring and MSI-X vector: all devices were reset, start over. */
+/*
+ * Forget the rings and MSI-X vectors of every queue set up since the last
+ * virtio_keep() (or since boot): those devices were reset, start over.
+ */
 void virtio_release_all(void);
+void virtio_keep(void);
 /*
  * Accept offered & (want | VIRTIO_F_DRIVER), set FEATURES_OK and check it
  * held; prints the features accepted. "plain=1" on the command line accepts

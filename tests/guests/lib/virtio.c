@@ -90,10 +90,19 @@ int virtio_init(struct virtio_dev *d, u32 type, u32 nth)
 	return virtio_init_at(d, c, NULL);
 }
 
+static u32 kept_rings;
+static u8 kept_vector = VIRTIO_IRQ_BASE;
+
+void virtio_keep(void)
+{
+	kept_rings = nrings;
+	kept_vector = next_vector;
+}
+
 void virtio_release_all(void)
 {
-	nrings = 0;
-	next_vector = VIRTIO_IRQ_BASE;
+	nrings = kept_rings;
+	next_vector = kept_vector;
 }
 
 int virtio_init_at(struct virtio_dev *d, uptr c, const uptr *bars)

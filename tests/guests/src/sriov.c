@@ -21,9 +21,16 @@
  *   as absent and that their old BARs answer all-ones, prints "sriov cycle C
  *   disabled" and waits for a byte (the host counts threads, fds, memory).
  *
+ * With "iommu=1" (`--iommu`, `iommu=on` on the disk): the VIOT must name every
+ * VF's routing id; each VF is attached to a domain of its own (new each cycle)
+ * in which guest memory is mapped at IOVA = GPA + OFF(i), and is driven
+ * through those IOVAs; then VF 0 is handed an IOVA of VF 1's domain and must
+ * be refused (IOERR) with a fault event naming VF 0's endpoint; and a routing
+ * id past NumVFs is no endpoint (ATTACH fails).
+ *
  * Ends with "sriov passed" (exit 0) or after a FAILED line (exit 1).
  */
-#include "guest.h"
+#include "viommu.h"
 
 #define MAX_VFS 8
 #define MAX_CYCLES 8
@@ -53,6 +60,66 @@ static u8 back[512] __attribute__((aligned(512)));
 static volatile u8 status_byte;
 static int failures;
 static struct virtio_dev vfs[MAX_VFS];
+static struct virtio_dev iommu;
+static int with_iommu;
+
+#define LOW_SIZE 0x800000u /* image, rings, buffers, stack: one mapping per domain */
+#define OFF(i) (0x40000000ull + (u64)(i) * 0x10000000ull)
+
+static u8 events[4][24] __attribute__((aligned(8)));
+static u8 head_slot[8];
+
+static void post_event(u32 i)
+{
+	struct vbuf b = { events[i], 24, 1 };
+	int head = virtq_add(&iommu.q[1], &b, 1);
+	if (head >= 0)
+		head_slot[head % 8] = (u8)i;
+	virtq_kick(&iommu.q[1]);
+}
+
+/* The next fault event's endpoint and address (posting its buffer again); 0 if none came. */
+static int fault_event(u32 *endpoint, u64 *addr)
+{
+	u32 len;
+	int id = -1;
+	for (u32 spin = 0; spin < 200000 && id < 0; spin++)
+		id = virtq_get(&iommu.q[1], &len);
+	if (id < 0)
+		return 0;
+	u32 slot = head_slot[id % 8];
+	memcpy(endpoint, &events[slot][8], 4);
+	memcpy(addr, &events[slot][16], 8);
+	print("fault: endpoint %x address %llx\n", *endpoint, *addr);
+	post_event(slot);
+	return 1;
+}
+
+/* Whether the VIOT's PCI range nodes cover requester ids [first, last]. */
+static int viot_covers(u16 first, u16 last)
+{
+	uptr viot = acpi_find_table((uptr)boot_info.rsdp_addr, "VIOT");
+	if (!viot)
+		return 0;
+	u16 count = *(u16 *)(viot + 36), off = *(u16 *)(viot + 38);
+	u32 len = ((struct acpi_header *)viot)->length;
+	for (u32 rid = first; rid <= last; rid++) {
+		int found = 0;
+		u16 at = off;
+		for (u16 i = 0; i < count && at + 16u <= len && !found; i++) {
+			u16 nlen = *(u16 *)(viot + at + 2);
+			if (*(u8 *)(viot + at) == 1 && rid >= *(u16 *)(viot + at + 12) &&
+			    rid <= *(u16 *)(viot + at + 14))
+				found = 1;
+			if (nlen < 4)
+				break;
+			at = (u16)(at + nlen);
+		}
+		if (!found)
+			return 0;
+	}
+	return 1;
+}
 
 static void check(int ok, const char *what, u32 n)
 {
@@ -151,6 +218,15 @@ int guest_main(struct boot_info *bi)
 		print("bad command line\n");
 		return 1;
 	}
+	arg = cmdline_find(bi->cmdline, "iommu");
+	with_iommu = arg && arg[0] == '1';
+	if (with_iommu) {
+		if (viommu_init(&iommu, 8))
+			return 1;
+		for (u32 i = 0; i < 4; i++)
+			post_event(i);
+		print("iommu at %x\n", virtio_bdf(&iommu));
+	}
 
 	/* The root port: a PCI-to-PCI bridge (class 0604) with a PCIe capability of type 4. */
 	uptr port = 0;
@@ -197,6 +273,10 @@ int guest_main(struct boot_info *bi)
 	print("pf offers SR_IOV: %s\n", (pfdev.offered >> 37) & 1 ? "yes" : "no");
 	check((pfdev.offered >> 37) & 1, "pf feature SR_IOV", 37);
 	mmio_write8(pfdev.common + 0x14, 0); /* reset: the PF's own queues are not used */
+	virtio_keep(); /* the IOMMU's rings stay; the VFs' are set up again each cycle */
+	if (with_iommu)
+		check(viot_covers((u16)(bus << 8), (u16)((bus << 8) + total)), "VIOT covers the VFs",
+		      total);
 
 	/* Size VF BAR 0 (64-bit memory) as Linux does: all-ones, read back; it is per VF. */
 	uptr bar = pf + sriov + SRIOV_BAR0;
@@ -244,8 +324,20 @@ int guest_main(struct boot_info *bi)
 			check((mmio_read32(c + 0x08) >> 8) == 0x018000, "VF class", i);
 			uptr bars[6] = { aperture + i * vf_size, 0, 0, 0, 0, 0 };
 			struct virtio_dev *d = &vfs[i];
-			if (virtio_init_at(d, c, bars) || virtio_negotiate(d, 0) ||
-			    virtio_queue_init(d, 0, 8, 1)) {
+			if (virtio_init_at(d, c, bars))
+				return 1;
+			if (with_iommu) {
+				/* A domain of its own (new each cycle): guest memory at IOVA = GPA +
+				 * OFF(i), for this VF only. */
+				u32 domain = cycle * MAX_VFS + i + 1;
+				check(viommu_attach(&iommu, domain, rid) == 0, "VF attached", i);
+				check(viommu_map(&iommu, domain, OFF(i), 0, LOW_SIZE,
+						 VIOMMU_MAP_R | VIOMMU_MAP_W) == 0,
+				      "VF domain mapped", i);
+				check((d->offered & VIRTIO_F_ACCESS_PLATFORM) != 0, "ACCESS_PLATFORM", i);
+				d->iova_off = OFF(i);
+			}
+			if (virtio_negotiate(d, 0) || virtio_queue_init(d, 0, 8, 1)) {
 				print("VF %u (%02x:%02x.%u) does not come up\n", i, rid >> 8, (rid >> 3) & 31,
 				      rid & 7);
 				return 1;
@@ -270,6 +362,19 @@ int guest_main(struct boot_info *bi)
 			check(request(d, T_OUT, last + 1, data) == 1, "write past the end refused", i);
 			memset(back, 0, 512);
 			check(request(d, T_IN, 0, back) == 0 && !memcmp(back, data, 512), "read back", i);
+		}
+		if (with_iommu && n >= 2) {
+			/* VF 0 handed an address of VF 1's domain: not mapped for it. */
+			u32 ep;
+			u64 addr, want = OFF(1) + (uptr)data;
+			check(request(&vfs[0], T_OUT, 0, (u8 *)(uptr)(want - OFF(0))) == 1,
+			      "VF 0 refused VF 1's memory", 0);
+			check(fault_event(&ep, &addr) && ep == pf_rid + off && addr == want,
+			      "fault names VF 0", 0);
+			/* A routing id past NumVFs is no endpoint. */
+			check(viommu_attach(&iommu, 100, pf_rid + off + n * stride) != 0,
+			      "no endpoint past NumVFs", n);
+			print("sriov cycle %u isolation ok\n", cycle);
 		}
 		print("sriov cycle %u written %u, %u sectors each\n", cycle, n, sectors);
 		wait_host();
