@@ -314,11 +314,13 @@ socket = "/run/vm.vsock"
                     tap: "tap0".into(),
                     mac: Some(crate::MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])),
                     iommu: false,
+                    vfs: 0,
                 },
                 NetConfig {
                     tap: "tap1".into(),
                     mac: None,
                     iommu: false,
+                    vfs: 0,
                 },
             ],
             rng: Some(RngConfig::default()),

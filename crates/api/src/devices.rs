@@ -2,7 +2,8 @@
 //!
 //! - `--rng [src=PATH][,iommu=on]`: virtio-rng.
 //! - `--console off|tty|file=PATH[,iommu=on]`: virtio-console (`hvc0` in a Linux guest).
-//! - `--net tap=NAME[,mac=MAC][,iommu=on]`: virtio-net on a tap, repeatable.
+//! - `--net tap=NAME[,mac=MAC][,iommu=on][,vfs=N]`: virtio-net on a tap, repeatable; with `vfs=`
+//!   an SR-IOV PF whose VFs are ports of an embedded switch with the tap as uplink.
 //! - `--vsock cid=N,socket=PATH[,iommu=on]`: virtio-vsock with its host side on a Unix socket.
 //!
 //! `iommu=on` puts the device behind the virtio-iommu, which `--iommu` creates (without it the
@@ -210,6 +211,14 @@ pub struct NetConfig {
     /// Behind the virtio-iommu.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub iommu: bool,
+    /// SR-IOV: the NIC is a PF behind a root port offering this many VFs, each a virtio-net
+    /// function on a port of an embedded switch whose uplink is the tap (0: a plain NIC).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vfs: u16,
+}
+
+fn is_zero(v: &u16) -> bool {
+    *v == 0
 }
 
 impl NetConfig {
@@ -219,23 +228,34 @@ impl NetConfig {
         {
             return Err(InvalidConfig::TapName(self.tap.clone()));
         }
+        if self.vfs > crate::MAX_VFS {
+            return Err(InvalidConfig::Vfs("nets.vfs", self.vfs.into()));
+        }
         Ok(())
     }
 }
 
-/// `--net tap=NAME[,mac=MAC][,iommu=on]`.
+/// `--net tap=NAME[,mac=MAC][,iommu=on][,vfs=N]`.
 impl FromStr for NetConfig {
     type Err = OptionError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let opts = OptionList::parse("--net", s, &["tap", "mac", "iommu"])?;
-        let net = Self {
+        let opts = OptionList::parse("--net", s, &["tap", "mac", "iommu", "vfs"])?;
+        let mut net = Self {
             tap: opts.required("tap")?,
             mac: opts.get("mac")?,
             iommu: opts.get::<Toggle>("iommu")?.unwrap_or_default().0,
+            vfs: 0,
         };
         net.validate()
             .map_err(|e| opts.invalid("tap", &net.tap, e))?;
+        if let Some(raw) = opts.raw("vfs")? {
+            let n: u64 = opts.get::<u64>("vfs")?.unwrap_or(0);
+            net.vfs = u16::try_from(n)
+                .ok()
+                .filter(|&n| n <= crate::MAX_VFS)
+                .ok_or_else(|| opts.invalid("vfs", raw, InvalidConfig::Vfs("nets.vfs", n)))?;
+        }
         Ok(net)
     }
 }
@@ -406,8 +426,21 @@ mod tests {
                 tap: "tap0".into(),
                 mac: None,
                 iommu: false,
+                vfs: 0,
             })
         );
+        let net: NetConfig = "tap=t,vfs=8".parse().unwrap();
+        assert_eq!(net.vfs, 8);
+        assert_eq!("tap=t,vfs=255".parse::<NetConfig>().unwrap().vfs, 255);
+        for bad in [
+            "tap=t,vfs=256",
+            "tap=t,vfs=-1",
+            "tap=t,vfs=many",
+            "tap=t,vfs",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+        assert!(err::<NetConfig>("tap=t,vfs=300").contains("0 to 255"));
         let net: NetConfig = "mac=52:54:00:00:00:01,tap=vm-net".parse().unwrap();
         assert_eq!(net.mac, Some(MacAddr([0x52, 0x54, 0, 0, 0, 1])));
         assert_eq!(

@@ -19,6 +19,7 @@ pub mod layout;
 pub mod mptable;
 pub mod serial_input;
 pub mod sriov;
+pub mod sriov_net;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod virtio_pci;

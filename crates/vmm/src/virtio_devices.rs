@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::serial_input::HostInput;
 use crate::virtio_pci::{VirtioPci, VirtioPciWiringError};
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -53,6 +53,8 @@ pub enum DeviceError {
     Host(&'static str, #[source] std::io::Error),
     #[error(transparent)]
     Pci(#[from] VirtioPciWiringError),
+    #[error("Cannot give a net PF its switch port")]
+    SwitchPort(#[source] devices::virtio::net::switch::SwitchError),
 }
 
 impl DeviceError {
@@ -64,7 +66,7 @@ impl DeviceError {
             Self::Vsock(e) => e.is_bad_input(),
             Self::ConsoleFile(..) | Self::RngSource(..) | Self::RngSourceDir(_) => true,
             Self::Pci(e) => e.is_bad_input(),
-            Self::Host(..) => false,
+            Self::Host(..) | Self::SwitchPort(_) => false,
         }
     }
 }
@@ -79,7 +81,8 @@ struct ConsoleBackend {
 
 /// Host backends of the configured devices, opened and not yet attached to a VM.
 pub struct Backends {
-    nets: Vec<(Tap, Option<[u8; 6]>)>,
+    /// Each NIC's tap, MAC and VFs (0: a plain NIC; more: an SR-IOV PF with a switch).
+    nets: Vec<(Tap, Option<[u8; 6]>, u16)>,
     rng: Option<Box<dyn EntropySource>>,
     console: Option<ConsoleBackend>,
     vsock: Option<Vsock>,
@@ -104,7 +107,7 @@ impl Backends {
             .map(|(index, net)| {
                 let tap =
                     Tap::open(&net.tap).map_err(|source| DeviceError::Tap { index, source })?;
-                Ok((tap, net.mac.map(|m| m.0)))
+                Ok((tap, net.mac.map(|m| m.0), net.vfs))
             })
             .collect::<Result<_, DeviceError>>()?;
         let rng = config.rng.as_ref().map(open_rng).transpose()?;
@@ -195,11 +198,17 @@ impl VirtioPci<'_> {
         let mut backend_subs: Vec<Subscriber> = Vec::new();
 
         let behind = backends.behind;
-        for (index, (tap, mac)) in backends.nets.into_iter().enumerate() {
+        for (index, (tap, mac, vfs)) in backends.nets.into_iter().enumerate() {
+            let iommu = behind.nets.get(index).copied().unwrap_or(false);
+            if vfs > 0 {
+                let (notifier, subs) = self.add_net_pf(tap, mac, vfs, iommu)?;
+                push_notifier(notifier);
+                backend_subs.extend(subs);
+                continue;
+            }
             let name = tap.name().to_owned();
             let net = Arc::new(Mutex::new(Net::new(tap, NetConfig { mac, mtu: None })));
             let device: Arc<Mutex<dyn VirtioDevice>> = net.clone();
-            let iommu = behind.nets.get(index).copied().unwrap_or(false);
             let (bdf, notifier) = self.add_endpoint(device, iommu)?;
             tracing::debug!(%bdf, tap = %name, "virtio-net");
             push_notifier(notifier);
@@ -279,7 +288,11 @@ pub struct BackendWatcher {
 }
 
 impl BackendWatcher {
-    fn subscriber(fd: RawFd, edge: bool, process: impl FnMut() + Send + 'static) -> Subscriber {
+    pub(crate) fn subscriber(
+        fd: RawFd,
+        edge: bool,
+        process: impl FnMut() + Send + 'static,
+    ) -> Subscriber {
         Arc::new(Mutex::new(Self {
             fd,
             edge,
@@ -412,8 +425,7 @@ mod tests {
         for tap in ["sixteen-bytes-xx", "lo"] {
             let nets = vec![api::NetConfig {
                 tap: tap.into(),
-                mac: None,
-                iommu: false,
+                ..Default::default()
             }];
             let err = open(api::VmConfig {
                 nets,

@@ -285,6 +285,37 @@ struct msix {
 int pci_msix_init(struct msix *m, uptr cfg, const uptr bars[6]);
 void pci_msix_route(struct msix *m, u32 entry, u8 vector);
 
+/* ---- SR-IOV PF behind a root port (lib/sriov.c, 32-bit builds) ---------- */
+
+struct sriov {
+	uptr port;          /* the root port's configuration space */
+	u8 port_pcie;       /* its PCIe capability */
+	u32 bus;            /* the port's secondary bus; the PF is function 0 there */
+	uptr pf;            /* the PF's configuration space */
+	u32 ari, cap;       /* ARI and SR-IOV extended capabilities (ari 0: none) */
+	u16 total, vf_did;  /* TotalVFs, VF Device ID */
+	u32 vf_size;        /* VF BAR 0, per VF */
+	uptr aperture;      /* where VF 0's BAR 0 goes */
+	u16 num, off, stride;
+};
+/* ECAM address of routing id `rid` (bus << 8 | devfn). */
+uptr sriov_cfg(u32 rid);
+/*
+ * Find the root port on bus 0, give it secondary bus `bus`, find the PF at
+ * bus:00.0 and its SR-IOV capability, turn on ARI forwarding (when the PF has
+ * ARI) and ARI Capable Hierarchy, 4 KiB System Page Size. 0, or -1 with a line printed.
+ */
+int sriov_find(struct sriov *s, u32 bus);
+/* Size VF BAR 0, place an aperture for `max_vfs` after the PF's BAR `pf_bar`, open the
+ * port's memory window over both. 0, or -1 with a line printed. */
+int sriov_place(struct sriov *s, uptr pf_bar, u32 max_vfs);
+/* NumVFs = n, VF BAR 0 = aperture, VF Enable and VF MSE on; reads offset and stride. */
+void sriov_enable(struct sriov *s, u32 n);
+u32 sriov_vf_rid(struct sriov *s, u32 i);
+uptr sriov_vf_bar(struct sriov *s, u32 i);
+/* VF Enable and VF MSE off. */
+void sriov_disable(struct sriov *s);
+
 /* ---- virtio over PCI, modern transport (lib/virtio.c, 32-bit builds) ---- */
 
 #define VIRTIO_VENDOR 0x1AF4
