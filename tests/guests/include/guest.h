@@ -112,6 +112,8 @@ void serial_puts(const char *s);
  * '0' flag and field width (e.g. %02u), precision for %s (%.*s, %.10s).
  */
 void print(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Wait for a byte on COM1 and drop it (the host saying "go on"). */
+void serial_wait_byte(void);
 
 /* u64 / 10 without libgcc (32-bit builds have no __udivdi3 of their own). */
 u64 udivmod64(u64 n, u32 d, u32 *rem);
@@ -165,6 +167,8 @@ void bootinfo_from_zero_page(struct boot_info *bi, uptr paddr);
 const char *cmdline_find(const char *cmdline, const char *key);
 /* Parse a decimal (or 0x-prefixed hex) number; *ok = 0 on no digits. */
 u64 parse_u64(const char *s, int *ok);
+/* A list of decimal numbers separated by dots ("4.2.7") into out[0..max); returns how many. */
+u32 parse_list(const char *s, u32 *out, u32 max);
 
 /* Sum of `n` bytes at `p`, wrapping at 2^32 (word-at-a-time, few instructions/byte). */
 u32 byte_sum(const u8 *p, u64 n);
@@ -286,6 +290,20 @@ int pci_msix_init(struct msix *m, uptr cfg, const uptr bars[6]);
 void pci_msix_route(struct msix *m, u32 entry, u8 vector);
 
 /* ---- SR-IOV PF behind a root port (lib/sriov.c, 32-bit builds) ---------- */
+
+/* SR-IOV capability registers (PCIe base spec 9.3.3) and Control bits. */
+#define SRIOV_CTRL 0x08
+#define SRIOV_TOTAL 0x0e
+#define SRIOV_NUM 0x10
+#define SRIOV_OFFSET 0x14
+#define SRIOV_STRIDE 0x16
+#define SRIOV_VF_DID 0x1a
+#define SRIOV_PGSUP 0x1c
+#define SRIOV_PGSIZE 0x20
+#define SRIOV_BAR0 0x24
+#define SRIOV_CTRL_VFE 0x1
+#define SRIOV_CTRL_MSE 0x8
+#define SRIOV_CTRL_ARI 0x10
 
 struct sriov {
 	uptr port;          /* the root port's configuration space */

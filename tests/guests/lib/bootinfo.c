@@ -187,3 +187,20 @@ u32 byte_sum(const u8 *p, u64 n)
 		total += *p++;
 	return total;
 }
+
+u32 parse_list(const char *s, u32 *out, u32 max)
+{
+	u32 n = 0, v = 0, digits = 0;
+	for (;; s++) {
+		if (*s >= '0' && *s <= '9') {
+			v = v * 10 + (u32)(*s - '0');
+			digits++;
+			continue;
+		}
+		if (digits && n < max)
+			out[n++] = v;
+		v = digits = 0;
+		if (*s != '.')
+			return n;
+	}
+}

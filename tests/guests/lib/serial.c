@@ -161,3 +161,10 @@ void print(const char *fmt, ...)
 	}
 	__builtin_va_end(ap);
 }
+
+void serial_wait_byte(void)
+{
+	while (!(inb(COM1 + UART_LSR) & UART_LSR_DR))
+		cpu_relax();
+	(void)inb(COM1 + UART_RBR);
+}

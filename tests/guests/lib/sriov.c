@@ -8,18 +8,6 @@
  */
 #include "guest.h"
 
-#define SRIOV_CTRL 0x08
-#define SRIOV_TOTAL 0x0e
-#define SRIOV_NUM 0x10
-#define SRIOV_OFFSET 0x14
-#define SRIOV_STRIDE 0x16
-#define SRIOV_VF_DID 0x1a
-#define SRIOV_PGSIZE 0x20
-#define SRIOV_BAR0 0x24
-#define CTRL_VFE 0x1
-#define CTRL_MSE 0x8
-#define CTRL_ARI 0x10
-
 uptr sriov_cfg(u32 rid) { return pci_ecam + ((uptr)rid << 12); }
 
 /* The extended capability `id` of the function at `c`, or 0. */
@@ -37,7 +25,7 @@ static u32 find_ext(uptr c, u16 id)
 	return 0;
 }
 
-static u16 ctrl_base(struct sriov *s) { return s->ari ? CTRL_ARI : 0; }
+static u16 ctrl_base(struct sriov *s) { return s->ari ? SRIOV_CTRL_ARI : 0; }
 
 int sriov_find(struct sriov *s, u32 bus)
 {
@@ -111,7 +99,7 @@ void sriov_enable(struct sriov *s, u32 n)
 	uptr bar = s->pf + s->cap + SRIOV_BAR0;
 	mmio_write32(bar, (u32)s->aperture);
 	mmio_write32(bar + 4, 0);
-	mmio_write16(s->pf + s->cap + SRIOV_CTRL, ctrl_base(s) | CTRL_VFE | CTRL_MSE);
+	mmio_write16(s->pf + s->cap + SRIOV_CTRL, ctrl_base(s) | SRIOV_CTRL_VFE | SRIOV_CTRL_MSE);
 }
 
 u32 sriov_vf_rid(struct sriov *s, u32 i) { return (s->bus << 8) + s->off + i * s->stride; }

@@ -60,31 +60,6 @@ static void check(int ok, const char *what, u32 n)
 	}
 }
 
-static void wait_host(void)
-{
-	while (!(inb(COM1 + UART_LSR) & UART_LSR_DR))
-		cpu_relax();
-	(void)inb(COM1 + UART_RBR);
-}
-
-/* Parse "2.3" into counts; returns how many. */
-static u32 parse_counts(const char *s, u32 *out)
-{
-	u32 n = 0, v = 0, digits = 0;
-	for (;; s++) {
-		if (*s >= '0' && *s <= '9') {
-			v = v * 10 + (u32)(*s - '0');
-			digits++;
-			continue;
-		}
-		if (digits && n < MAX_CYCLES)
-			out[n++] = v;
-		v = digits = 0;
-		if (*s != '.')
-			return n;
-	}
-}
-
 /* VF `from` sends a frame to `dst`: the text, then the cycle and VF bytes. */
 static void send(u32 from, const u8 *dst, const char *text, u32 cycle)
 {
@@ -164,7 +139,7 @@ int guest_main(struct boot_info *bi)
 	counts[0] = 2;
 	arg = cmdline_find(bi->cmdline, "vfs");
 	if (arg)
-		ncycles = parse_counts(arg, counts);
+		ncycles = parse_list(arg, counts, MAX_CYCLES);
 	if (!ok || bus == 0 || bus > 255 || ncycles == 0) {
 		print("bad command line\n");
 		return 1;
@@ -246,14 +221,14 @@ int guest_main(struct boot_info *bi)
 		if (cycle == 0)
 			expect_all_but(n, last, "manifold-sriov-up", cycle, (int)last, host_mac);
 		print("sriov-net cycle %u sent\n", cycle);
-		wait_host();
+		serial_wait_byte();
 
 		expect(1, "manifold-sriov-down", cycle, -1, macs[1]);
 		send(last, host_mac, "manifold-sriov-up2", cycle);
 		send(0, bcast, "manifold-sriov-bcast2", cycle);
 		expect_all_but(n, 0, "manifold-sriov-bcast2", cycle, 0, bcast);
 		print("sriov-net cycle %u done\n", cycle);
-		wait_host();
+		serial_wait_byte();
 
 		for (u32 i = 0; i < n; i++)
 			mmio_write8(vfs[i].common + 0x14, 0);
@@ -263,7 +238,7 @@ int guest_main(struct boot_info *bi)
 			check(mmio_read32(sriov_cfg(sriov_vf_rid(&s, i)) + 0x08) == 0xFFFFFFFF,
 			      "VF gone", i);
 		print("sriov-net cycle %u disabled\n", cycle);
-		wait_host();
+		serial_wait_byte();
 	}
 	if (failures)
 		return 1;

@@ -35,19 +35,6 @@
 #define MAX_VFS 8
 #define MAX_CYCLES 8
 
-#define SRIOV_CTRL 0x08
-#define SRIOV_TOTAL 0x0e
-#define SRIOV_NUM 0x10
-#define SRIOV_OFFSET 0x14
-#define SRIOV_STRIDE 0x16
-#define SRIOV_VF_DID 0x1a
-#define SRIOV_PGSUP 0x1c
-#define SRIOV_PGSIZE 0x20
-#define SRIOV_BAR0 0x24
-#define CTRL_VFE 0x1
-#define CTRL_MSE 0x8
-#define CTRL_ARI 0x10
-
 #define T_IN 0
 #define T_OUT 1
 
@@ -129,30 +116,6 @@ static void check(int ok, const char *what, u32 n)
 	}
 }
 
-static void wait_host(void)
-{
-	while (!(inb(COM1 + UART_LSR) & UART_LSR_DR))
-		cpu_relax();
-	(void)inb(COM1 + UART_RBR);
-}
-
-static uptr cfg_of(u32 rid) { return pci_ecam + ((uptr)rid << 12); }
-
-/* The extended capability `id` of the function at `c`, or 0. */
-static u32 find_ext(uptr c, u16 id)
-{
-	u32 at = 0x100;
-	for (u32 n = 0; at >= 0x100 && at < 0x1000 && n < 64; n++) {
-		u32 h = mmio_read32(c + at);
-		if (h == 0 || h == 0xFFFFFFFF)
-			return 0;
-		if ((h & 0xFFFF) == id)
-			return at;
-		at = h >> 20;
-	}
-	return 0;
-}
-
 /* The pattern VF `vf` writes in cycle `cycle`: "MFVF", cycle, vf, then bytes of both. */
 static void pattern(u8 *p, u32 cycle, u32 vf)
 {
@@ -183,24 +146,6 @@ static u8 request(struct virtio_dev *d, u32 type, u64 sector, u8 *buf)
 	return status_byte;
 }
 
-/* Parse "4.2.7" into counts; returns how many. */
-static u32 parse_counts(const char *s, u32 *out)
-{
-	u32 n = 0, v = 0, digits = 0;
-	for (;; s++) {
-		if (*s >= '0' && *s <= '9') {
-			v = v * 10 + (u32)(*s - '0');
-			digits++;
-			continue;
-		}
-		if (digits && n < MAX_CYCLES)
-			out[n++] = v;
-		v = digits = 0;
-		if (*s != '.')
-			return n;
-	}
-}
-
 int guest_main(struct boot_info *bi)
 {
 	virtio_irq_init();
@@ -213,7 +158,7 @@ int guest_main(struct boot_info *bi)
 	counts[0] = 2;
 	arg = cmdline_find(bi->cmdline, "vfs");
 	if (arg)
-		ncycles = parse_counts(arg, counts);
+		ncycles = parse_list(arg, counts, MAX_CYCLES);
 	if (!ok || bus == 0 || bus > 255 || ncycles == 0) {
 		print("bad command line\n");
 		return 1;
@@ -228,43 +173,22 @@ int guest_main(struct boot_info *bi)
 		print("iommu at %x\n", virtio_bdf(&iommu));
 	}
 
-	/* The root port: a PCI-to-PCI bridge (class 0604) with a PCIe capability of type 4. */
-	uptr port = 0;
-	for (u32 dev = 0; dev < 32 && !port; dev++) {
-		uptr c = pci_cfg(dev, 0);
-		if ((mmio_read32(c + 0x08) >> 8) != 0x060400)
-			continue;
-		u8 pcie = pci_find_cap(c, 0x10, 0);
-		if (pcie && ((mmio_read16(c + pcie + 2) >> 4) & 0xF) == 4)
-			port = c;
-	}
-	if (!port) {
-		print("no root port\n");
+	/* Root port bus numbers and ARI forwarding, the PF's SR-IOV capability, ARI Capable
+	 * Hierarchy and System Page Size (lib/sriov.c). */
+	static struct sriov sr;
+	if (sriov_find(&sr, bus))
 		return 1;
-	}
-	u8 port_pcie = pci_find_cap(port, 0x10, 0);
-	print("root port at 00:%02x.0, ARI forwarding %s\n", (u32)((port - pci_ecam) >> 15),
-	      (mmio_read32(port + port_pcie + 0x24) & (1 << 5)) ? "supported" : "missing");
-	/* Bus numbers (primary 0); the memory window once the BARs behind it are placed. */
-	mmio_write32(port + 0x18, (bus << 16) | (bus << 8));
-
-	uptr pf = cfg_of(bus << 8);
+	print("root port at 00:%02x.0, ARI forwarding %s\n", (u32)((sr.port - pci_ecam) >> 15),
+	      (mmio_read32(sr.port + sr.port_pcie + 0x24) & (1 << 5)) ? "supported" : "missing");
+	uptr pf = sr.pf;
 	u32 id = mmio_read32(pf);
 	print("pf %02x:00.0 %04x:%04x\n", bus, id & 0xFFFF, id >> 16);
 	if (id != ((VIRTIO_DEVICE_ID(VIRTIO_ID_BLOCK) << 16) | VIRTIO_VENDOR))
 		return 1;
-	u32 ari = find_ext(pf, 0x000E), sriov = find_ext(pf, 0x0010);
-	print("pf ari at %x, sr-iov at %x\n", ari, sriov);
-	if (!sriov)
-		return 1;
-	if (ari)
-		mmio_write16(port + port_pcie + 0x28, mmio_read16(port + port_pcie + 0x28) | (1 << 5));
-	u16 total = mmio_read16(pf + sriov + SRIOV_TOTAL);
-	u16 vf_did = mmio_read16(pf + sriov + SRIOV_VF_DID);
-	print("TotalVFs %u, VF device id %04x, page sizes %x\n", total, vf_did,
-	      mmio_read32(pf + sriov + SRIOV_PGSUP));
-	mmio_write16(pf + sriov + SRIOV_CTRL, ari ? CTRL_ARI : 0);
-	mmio_write32(pf + sriov + SRIOV_PGSIZE, 1);
+	print("pf ari at %x, sr-iov at %x\n", sr.ari, sr.cap);
+	u16 total = sr.total;
+	print("TotalVFs %u, VF device id %04x, page sizes %x\n", total, sr.vf_did,
+	      mmio_read32(pf + sr.cap + SRIOV_PGSUP));
 
 	/* The PF itself: a virtio-blk device like any other, offering VIRTIO_F_SR_IOV (bit 37). */
 	static struct virtio_dev pfdev;
@@ -278,27 +202,11 @@ int guest_main(struct boot_info *bi)
 		check(viot_covers((u16)(bus << 8), (u16)((bus << 8) + total)), "VIOT covers the VFs",
 		      total);
 
-	/* Size VF BAR 0 (64-bit memory) as Linux does: all-ones, read back; it is per VF. */
-	uptr bar = pf + sriov + SRIOV_BAR0;
-	mmio_write32(bar, 0xFFFFFFFF);
-	mmio_write32(bar + 4, 0xFFFFFFFF);
-	u32 lo = mmio_read32(bar), hi = mmio_read32(bar + 4);
-	u32 vf_size = ~(lo & ~0xFu) + 1;
-	if ((lo & 0x6) != 0x4 || hi != 0xFFFFFFFF || !vf_size) {
-		print("VF BAR 0 reads %x %x\n", lo, hi);
+	/* VF BAR 0 sized, an aperture for the most VFs a cycle may ask for, the port's window. */
+	if (sriov_place(&sr, pfdev.bars[0], MAX_VFS))
 		return 1;
-	}
-	/* The aperture for the most VFs a cycle may ask for, then the port's window over the PF's
-	 * BAR and the aperture (1 MiB granular), as Linux sizes bridge windows. */
-	uptr aperture = pci_alloc_mmio(MAX_VFS * vf_size, vf_size);
-	uptr wbase = pfdev.bars[0] & ~0xFFFFFu, wlast = (aperture + MAX_VFS * vf_size - 1) | 0xFFFFF;
-	if (!aperture || !pfdev.bars[0] || aperture < pfdev.bars[0]) {
-		print("no room for the VF BARs\n");
-		return 1;
-	}
-	mmio_write32(port + 0x20, ((wbase >> 16) & 0xFFF0) | (wlast & 0xFFF00000));
-	mmio_write16(port + PCI_COMMAND, PCI_CMD_MEM | PCI_CMD_MASTER);
-	print("port window %x-%x\n", (u32)wbase, (u32)wlast);
+	uptr aperture = sr.aperture;
+	u32 vf_size = sr.vf_size;
 
 	for (u32 cycle = 0; cycle < ncycles; cycle++) {
 		u32 n = counts[cycle];
@@ -306,20 +214,16 @@ int guest_main(struct boot_info *bi)
 			print("cycle %u: %u VFs is too many\n", cycle, n);
 			return 1;
 		}
-		mmio_write16(pf + sriov + SRIOV_NUM, (u16)n);
-		u16 off = mmio_read16(pf + sriov + SRIOV_OFFSET);
-		u16 stride = mmio_read16(pf + sriov + SRIOV_STRIDE);
+		sriov_enable(&sr, n);
+		u16 off = sr.off, stride = sr.stride;
 		u32 size = vf_size;
-		mmio_write32(bar, (u32)aperture);
-		mmio_write32(bar + 4, 0);
-		mmio_write16(pf + sriov + SRIOV_CTRL, (ari ? CTRL_ARI : 0) | CTRL_VFE | CTRL_MSE);
 		print("cycle %u: NumVFs %u, offset %u, stride %u, VF BAR %u bytes at %x\n", cycle, n,
 		      off, stride, size, (u32)aperture);
 
 		u32 pf_rid = bus << 8;
 		for (u32 i = 0; i < n; i++) {
 			u32 rid = pf_rid + off + i * stride;
-			uptr c = cfg_of(rid);
+			uptr c = sriov_cfg(rid);
 			check(mmio_read32(c) == 0xFFFFFFFF, "VF ids read 0xFFFF", i);
 			check((mmio_read32(c + 0x08) >> 8) == 0x018000, "VF class", i);
 			uptr bars[6] = { aperture + i * vf_size, 0, 0, 0, 0, 0 };
@@ -345,7 +249,7 @@ int guest_main(struct boot_info *bi)
 			virtio_driver_ok(d);
 		}
 		/* One past NumVFs: absent. */
-		check(mmio_read32(cfg_of(pf_rid + off + n * stride) + 0x08) == 0xFFFFFFFF,
+		check(mmio_read32(sriov_cfg(pf_rid + off + n * stride) + 0x08) == 0xFFFFFFFF,
 		      "no VF past NumVFs", n);
 
 		u32 sectors = 0;
@@ -377,20 +281,20 @@ int guest_main(struct boot_info *bi)
 			print("sriov cycle %u isolation ok\n", cycle);
 		}
 		print("sriov cycle %u written %u, %u sectors each\n", cycle, n, sectors);
-		wait_host();
+		serial_wait_byte();
 
 		/* Drivers go (reset), then VF Enable and VF MSE off, as pci_disable_sriov does. */
 		for (u32 i = 0; i < n; i++)
 			mmio_write8(vfs[i].common + 0x14, 0);
 		virtio_release_all();
-		mmio_write16(pf + sriov + SRIOV_CTRL, ari ? CTRL_ARI : 0);
+		sriov_disable(&sr);
 		for (u32 i = 0; i < n; i++) {
-			check(mmio_read32(cfg_of(pf_rid + off + i * stride) + 0x08) == 0xFFFFFFFF,
+			check(mmio_read32(sriov_cfg(pf_rid + off + i * stride) + 0x08) == 0xFFFFFFFF,
 			      "VF gone", i);
 			check(mmio_read32(aperture + i * vf_size) == 0xFFFFFFFF, "VF BAR gone", i);
 		}
 		print("sriov cycle %u disabled\n", cycle);
-		wait_host();
+		serial_wait_byte();
 	}
 	if (failures)
 		return 1;
