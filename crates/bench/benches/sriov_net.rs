@@ -20,10 +20,13 @@
 //! Run with `cargo bench -p bench --bench sriov_net`. Environment: `MANIFOLD_BENCH_ROUNDS`
 //! (default 11), `MANIFOLD_BENCH_ONLY` (workloads whose name contains it, e.g. `64 B`).
 
+mod common;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::spread;
 use devices::virtio::net::switch::{Limits, Mac, Switch, SwitchPort, UPLINK, vf_mac};
 use devices::virtio::net::{Net, NetBackend, NetConfig, TX_QUEUE, Tap, VNET_HDR_LEN};
 use devices::virtio::{DmaSpace, VirtioDevice, VirtioInterrupt, features};
@@ -244,12 +247,6 @@ fn setup() -> Result<Option<(Tap, Tap)>, String> {
     let uplink = taps.pop().ok_or("no tap")?;
     let pf = taps.pop().ok_or("no tap")?;
     Ok(Some((pf, uplink)))
-}
-
-fn spread(v: &[f64]) -> (f64, f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
 fn kpps(d: Duration) -> f64 {

@@ -11,7 +11,7 @@
 mod dma;
 mod legacy;
 mod msix;
-mod net_switch;
+pub(crate) mod net_switch;
 mod pci_config;
 mod sriov;
 mod sriov_topology;

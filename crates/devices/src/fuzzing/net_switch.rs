@@ -30,14 +30,17 @@ const TAG: usize = VNET_HDR_LEN + 12;
 const TAGGED_MIN: usize = TAG + 5;
 const MAX_GUEST_PORTS: usize = 6;
 
+/// The uplink's side of a switch under test: frames the switch wrote, frames it will read,
+/// whether writes fail (EAGAIN, as a full tap queue). Shared with the switch's unit tests.
 #[derive(Default)]
-struct Wire {
-    sent: Vec<Vec<u8>>,
-    inbound: VecDeque<Vec<u8>>,
-    fail_writes: bool,
+pub(crate) struct Wire {
+    pub sent: Vec<Vec<u8>>,
+    pub inbound: VecDeque<Vec<u8>>,
+    pub fail_writes: bool,
 }
 
-struct FakeUplink(Arc<Mutex<Wire>>);
+/// A tap stand-in: reads cut a frame to the buffer, as a tap does.
+pub(crate) struct FakeUplink(pub Arc<Mutex<Wire>>);
 
 impl AsRawFd for FakeUplink {
     fn as_raw_fd(&self) -> RawFd {

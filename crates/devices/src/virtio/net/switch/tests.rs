@@ -1,56 +1,13 @@
 //! The switch on its own (ports driven through [`NetBackend`], a fake uplink), then two
 //! virtio-net devices on switch ports driven as a guest would.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::*;
+use crate::fuzzing::net_switch::{FakeUplink, Wire};
 use crate::virtio::net::{Net, NetConfig, RX_QUEUE, TX_QUEUE};
 use crate::virtio::testutil::{Desc, RecordingInterrupt, TestDriver, XorShift, test_memory};
 use crate::virtio::{DmaSpace, VirtioDevice, features};
-
-/// The uplink's side: frames the switch wrote, frames it will read.
-#[derive(Default)]
-struct Wire {
-    sent: Vec<Vec<u8>>,
-    inbound: VecDeque<Vec<u8>>,
-    fail_writes: bool,
-}
-
-struct FakeUplink(Arc<Mutex<Wire>>);
-
-impl AsRawFd for FakeUplink {
-    fn as_raw_fd(&self) -> RawFd {
-        -1
-    }
-}
-
-impl NetBackend for FakeUplink {
-    fn read_frame(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        let frame = lock(&self.0)
-            .inbound
-            .pop_front()
-            .ok_or(io::ErrorKind::WouldBlock)?;
-        let n = frame.len().min(bufs[0].len());
-        bufs[0][..n].copy_from_slice(&frame[..n]);
-        Ok(n)
-    }
-
-    fn write_frame(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let mut w = lock(&self.0);
-        if w.fail_writes {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let frame: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-        let n = frame.len();
-        w.sent.push(frame);
-        Ok(n)
-    }
-
-    fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 const BROADCAST: Mac = [0xff; 6];
 const PF: Mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
