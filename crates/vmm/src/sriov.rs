@@ -533,3 +533,59 @@ impl crate::virtio_pci::VirtioPci<'_> {
         Ok(notifier)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed setup should stop the test loudly
+
+    use std::sync::atomic::AtomicUsize;
+
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+
+    /// Fds added from any thread are served by dispatch until removed; a removed fd's handler
+    /// is dropped and never called again.
+    #[test]
+    fn dynamic_events_add_dispatch_remove() {
+        let events = DynamicEvents::new().unwrap();
+        let evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (e, c) = (evt.clone(), calls.clone());
+        let token = std::thread::spawn({
+            let events = events.clone();
+            move || {
+                events
+                    .add(
+                        e.as_raw_fd(),
+                        Arc::new(move || {
+                            let _ = e.read();
+                            c.fetch_add(1, Ordering::SeqCst);
+                        }),
+                    )
+                    .unwrap()
+            }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(events.len(), 1);
+        events.dispatch();
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing ready yet");
+        evt.write(1).unwrap();
+        events.dispatch();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        events.remove(token);
+        assert!(events.is_empty());
+        // Only the test's reference is left: the handler (and its clone of the fd) is gone.
+        assert_eq!(Arc::strong_count(&evt), 1);
+        evt.write(1).unwrap();
+        events.dispatch();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Removing twice, or a token never given, is harmless.
+        events.remove(token);
+        events.remove(12345);
+        // An fd epoll refuses (not open) is an error, and leaves nothing behind.
+        assert!(events.add(-1, Arc::new(|| {})).is_err());
+        assert!(events.is_empty());
+    }
+}
