@@ -412,24 +412,98 @@ impl DmaMemory {
         }
         match iommu.lookup(addr) {
             Some(m) if m.perm.allow(access) => {
-                let way = self.victim.get();
-                self.victim.set((way + 1) % WAYS);
-                self.cache[way].set(m);
-                self.last_hit.set(way);
+                self.remember(m);
                 Ok(m.piece(addr, len))
             }
-            found => {
-                let kind = if found.is_some() {
-                    FaultKind::Permission
-                } else {
-                    FaultKind::Unmapped
-                };
-                Err(self.refuse(iommu, addr, access, kind))
-            }
+            found => Err(self.refuse(iommu, addr, access, found.is_some())),
         }
     }
 
-    fn refuse(&self, iommu: &DmaIommu, addr: u64, access: Permissions, kind: FaultKind) -> Refused {
+    /// The cached mapping that holds `addr` for `access`, counted as a cache answer.
+    #[inline]
+    fn cached(&self, addr: u64, access: Permissions) -> Option<Mapped> {
+        let first = self.last_hit.get();
+        for k in 0..WAYS {
+            let way = (first + k) % WAYS;
+            let m = self.cache[way].get();
+            if m.start <= addr && addr <= m.last && m.perm.allow(access) {
+                self.last_hit.set(way);
+                self.cached.set(self.cached.get() + 1);
+                return Some(m);
+            }
+        }
+        None
+    }
+
+    fn remember(&self, m: Mapped) {
+        let way = self.victim.get();
+        self.victim.set((way + 1) % WAYS);
+        self.cache[way].set(m);
+        self.last_hit.set(way);
+    }
+
+    /// Translate `[at, at+left)` from the table, mapping after mapping, under one hold of its
+    /// lock (a range over many small mappings: one search, then the next entries in order).
+    /// Calls `each` per piece; the last mapping used goes into the cache.
+    #[inline(never)]
+    fn walk(
+        &self,
+        iommu: &DmaIommu,
+        mut at: u64,
+        mut left: usize,
+        access: Permissions,
+        each: &mut impl FnMut(u64, usize),
+    ) -> Result<(), Refused> {
+        let refusal = {
+            let table = iommu
+                .table
+                .map
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut cur = table.range(..=at).next_back();
+            // Entries after the one holding `at`, in order: the next piece's, if contiguous.
+            let mut after = table.range(at.saturating_add(1)..);
+            loop {
+                let Some((&start, t)) = cur.filter(|(_, t)| t.last >= at) else {
+                    break Some(false);
+                };
+                if !t.perm.allow(access) {
+                    break Some(true);
+                }
+                let m = Mapped {
+                    start,
+                    last: t.last,
+                    phys: t.phys,
+                    perm: t.perm,
+                };
+                let (gpa, n) = m.piece(at, left);
+                each(gpa, n);
+                left -= n;
+                if left == 0 {
+                    self.remember(m);
+                    break None;
+                }
+                // n <= last - at + 1 and the range does not wrap: at + n is the next IOVA.
+                at += n as u64;
+                self.lookups.set(self.lookups.get() + 1);
+                cur = after.next().filter(|(s, _)| **s == at);
+            }
+        };
+        // The report goes out with the table's lock released (the reporter takes its own).
+        match refusal {
+            None => Ok(()),
+            Some(covered) => Err(self.refuse(iommu, at, access, covered)),
+        }
+    }
+
+    /// Report a refusal at `addr`: a mapping holds it but not for `access` (`covered`), or
+    /// none does.
+    fn refuse(&self, iommu: &DmaIommu, addr: u64, access: Permissions, covered: bool) -> Refused {
+        let kind = if covered {
+            FaultKind::Permission
+        } else {
+            FaultKind::Unmapped
+        };
         self.refused.set(self.refused.get() + 1);
         iommu.report(addr, access, kind);
         Refused { addr }
@@ -452,7 +526,7 @@ impl DmaMemory {
         if wraps {
             if let Some(iommu) = &self.space.iommu {
                 self.lookups.set(self.lookups.get() + 1);
-                return Err(self.refuse(iommu, addr, access, FaultKind::Unmapped));
+                return Err(self.refuse(iommu, addr, access, false));
             }
             return Err(Refused { addr });
         }
@@ -460,10 +534,24 @@ impl DmaMemory {
         each(first.0, first.1);
         let (mut at, mut left) = (addr + first.1 as u64, len - first.1);
         while left > 0 {
-            let (gpa, n) = self.translate(at, left, access)?;
-            each(gpa, n);
-            at += n as u64;
-            left -= n;
+            let Some(iommu) = &self.space.iommu else {
+                break;
+            };
+            self.lookups.set(self.lookups.get() + 1);
+            match self.cached(at, access) {
+                Some(m) => {
+                    let (gpa, n) = m.piece(at, left);
+                    each(gpa, n);
+                    at += n as u64;
+                    left -= n;
+                }
+                // The rest from the table in one pass.
+                None => {
+                    return self
+                        .walk(iommu, at, left, access, &mut each)
+                        .map(|()| first);
+                }
+            }
         }
         Ok(first)
     }
@@ -487,10 +575,34 @@ impl DmaMemory {
             // Identity: nothing to translate or count.
             return push_phys(phys, addr, len, out);
         }
+        // One piece (nearly always): its slice, with no run to keep. Several: below, the
+        // first again (now from the cache).
+        let wraps = u64::try_from(len)
+            .ok()
+            .and_then(|n| addr.checked_add(n))
+            .is_none();
+        if !wraps {
+            match self.translate(addr, len, access) {
+                Ok((gpa, n)) if n == len => return push_phys(phys, gpa, len, out),
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        // Pieces that follow each other in guest physical memory too (small mappings of a
+        // contiguous buffer) become one run: one host slice, so one iovec rather than many.
+        let mut run: Option<(u64, usize)> = None;
         let mut in_memory = true;
-        let translated = self.translate_all(addr, len, access, |gpa, n| {
-            in_memory = in_memory && push_phys(phys, gpa, n, out);
+        let translated = self.translate_all(addr, len, access, |gpa, n| match &mut run {
+            Some((start, m)) if start.checked_add(*m as u64) == Some(gpa) => *m += n,
+            pending => {
+                if let Some((start, m)) = pending.replace((gpa, n)) {
+                    in_memory = in_memory && push_phys(phys, start, m, out);
+                }
+            }
         });
+        if let Some((start, m)) = run {
+            in_memory = in_memory && push_phys(phys, start, m, out);
+        }
         translated.is_ok() && in_memory
     }
 }
