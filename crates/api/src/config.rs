@@ -26,7 +26,7 @@
 //!
 //! [[disks]]                   # repeatable: one virtio-blk device each
 //! path = "/var/disk.img"
-//! readonly = true             # direct = true, serial = "ID", iommu = true also
+//! readonly = true             # direct = true, serial = "ID", iommu = true, vfs = 4 also
 //!
 //! [[nets]]                    # repeatable: one virtio-net device each
 //! tap = "tap0"
