@@ -124,6 +124,19 @@ impl SgList {
         &self.ranges
     }
 
+    /// Remove the last byte and return its address (a request's status byte); `None` if the
+    /// list is empty or that byte would lie past the end of the address space.
+    pub fn take_last_byte(&mut self) -> Option<u64> {
+        let last = self.ranges.last_mut()?;
+        let addr = last.addr.checked_add(last.len - 1)?;
+        last.len -= 1;
+        if last.len == 0 {
+            self.ranges.pop();
+        }
+        self.len -= 1;
+        Some(addr)
+    }
+
     /// Keep the first `at` bytes in `self` and return the rest. `at` past the end keeps all.
     pub fn split_off(&mut self, at: u64) -> SgList {
         let mut rest = SgList::new();
@@ -620,6 +633,56 @@ impl DmaByte<'_> {
     }
 }
 
+/// [`file_io`] for one slice (a 4 KiB request): `pread`/`pwrite`, no iovec lists.
+fn file_io_one(
+    file: &File,
+    offset: u64,
+    slice: &VolatileSlice<'_, ()>,
+    align: usize,
+    into_memory: bool,
+) -> Result<(), DmaError> {
+    let g = slice.ptr_guard_mut();
+    let (base, len) = (g.as_ptr(), g.len());
+    if align > 1 {
+        let aligned = |v: usize| v % align == 0;
+        if !(usize::try_from(offset).is_ok_and(aligned) && aligned(base as usize) && aligned(len))
+        {
+            return Err(DmaError::Misaligned { align });
+        }
+    }
+    let fd = file.as_raw_fd();
+    let mut done = 0usize;
+    while done < len {
+        let short = DmaError::ShortIo {
+            done: done as u64,
+            len: len as u64,
+        };
+        let off = offset
+            .checked_add(done as u64)
+            .and_then(|o| libc::off_t::try_from(o).ok())
+            .ok_or(short)?;
+        let (p, left) = (base.wrapping_add(done), len - done);
+        let n = retry_io(|| {
+            if into_memory {
+                // SAFETY: `p..p+left` lies in the guest memory `slice` covers (done < len),
+                // checked writable and mapped while the snapshot lives; pread writes only there.
+                unsafe { libc::pread(fd, p.cast(), left, off) }
+            } else {
+                // SAFETY: as above, checked readable; pwrite only reads it.
+                unsafe { libc::pwrite(fd, p.cast(), left, off) }
+            }
+        })?;
+        if n == 0 {
+            return Err(DmaError::ShortIo {
+                done: done as u64,
+                len: len as u64,
+            });
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// `preadv` (`into_memory`) or `pwritev` over `slices`, resuming after short transfers.
 fn file_io(
     file: &File,
@@ -628,6 +691,9 @@ fn file_io(
     align: usize,
     into_memory: bool,
 ) -> Result<(), DmaError> {
+    if let [one] = slices {
+        return file_io_one(file, offset, one, align, into_memory);
+    }
     // The guards keep each host mapping in place while the kernel uses the pointers (they matter
     // for Xen-style mappings; for mmap-backed memory the snapshot already does).
     let guards: SmallVec<[_; 8]> = slices.iter().map(|s| s.ptr_guard_mut()).collect();

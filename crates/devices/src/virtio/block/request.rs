@@ -14,7 +14,7 @@ use virtio_bindings::bindings::virtio_blk::{
 use super::backend::{BackendError, BlockBackend, SECTOR_SIZE};
 use super::{MAX_DISCARD_SECTORS, MAX_DWZ_SEGMENTS, MAX_WRITE_ZEROES_SECTORS, SEG_MAX};
 use crate::virtio::dma::{DmaSnapshot, SgList};
-use crate::virtio::queue::{Chain, parse_chain};
+use crate::virtio::queue::{Chain, ChainBuffers, parse_chain_into};
 
 /// Header: type (le32), reserved/ioprio (le32), sector (le64).
 const HEADER_LEN: u64 = 16;
@@ -89,8 +89,10 @@ pub(super) struct Context<'a> {
 /// reachable status byte is returned unanswered (length 0) with a debug log.
 pub(super) fn handle_chain(ctx: &Context<'_>, dma: &DmaSnapshot, chain: Chain<'_>) -> u32 {
     let head = chain.head_index();
-    let (readable, mut writable) = match parse_chain(chain, MAX_DESCRIPTORS) {
-        Ok(b) => (b.readable, b.writable),
+    // Parsed in place: the lists are not moved around on the per-request path.
+    let mut bufs = ChainBuffers::default();
+    match parse_chain_into(chain, MAX_DESCRIPTORS, &mut bufs) {
+        Ok(()) => {}
         Err(fault) => {
             tracing::debug!(head, "virtio-blk: {}", fault.error);
             return match fault.status {
@@ -99,17 +101,13 @@ pub(super) fn handle_chain(ctx: &Context<'_>, dma: &DmaSnapshot, chain: Chain<'_
             };
         }
     };
-    if writable.is_empty() {
+    if bufs.writable.is_empty() {
         tracing::debug!(head, "virtio-blk: request has no status byte");
         return 0;
     }
-    // The last writable byte; `writable` is not empty, so this is one one-byte range.
-    let Some(status_addr) = writable
-        .split_off(writable.len() - 1)
-        .ranges()
-        .first()
-        .map(|r| r.addr)
-    else {
+    // The last writable byte (virtio-queue keeps a chain's buffers under 4 GiB, so it does
+    // not wrap; if it did, there would be no status byte to write).
+    let Some(status_addr) = bufs.writable.take_last_byte() else {
         return 0;
     };
     // Checked now, written after the request: one translation for both.
@@ -120,7 +118,7 @@ pub(super) fn handle_chain(ctx: &Context<'_>, dma: &DmaSnapshot, chain: Chain<'_
             return 0;
         }
     };
-    let (status, written) = match execute(ctx, dma, readable, writable) {
+    let (status, written) = match execute(ctx, dma, &mut bufs.readable, &bufs.writable) {
         Ok(written) => (Status::Ok, written),
         Err(Failure(status, why)) => {
             tracing::debug!(head, ?status, "virtio-blk: {why}");
@@ -137,8 +135,8 @@ pub(super) fn handle_chain(ctx: &Context<'_>, dma: &DmaSnapshot, chain: Chain<'_
 fn execute(
     ctx: &Context<'_>,
     dma: &DmaSnapshot,
-    mut readable: SgList,
-    writable: SgList,
+    readable: &mut SgList,
+    writable: &SgList,
 ) -> Result<u64, Failure> {
     if readable.len() < HEADER_LEN {
         return Err(ioerr(format!(
@@ -146,10 +144,16 @@ fn execute(
             readable.len()
         )));
     }
-    let out = readable.split_off(HEADER_LEN);
+    // The header is the first 16 readable bytes; the rest is the request's data.
     let mut header = [0u8; HEADER_LEN as usize];
-    dma.read_sg(&readable, &mut header)
+    dma.read_sg(readable, &mut header)
         .map_err(|e| ioerr(format!("header: {e}")))?;
+    // Most requests (IN, FLUSH, GET_ID) have no readable data: no list to split off then.
+    let out = if readable.len() == HEADER_LEN {
+        SgList::new()
+    } else {
+        readable.split_off(HEADER_LEN)
+    };
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
@@ -166,19 +170,19 @@ fn execute(
     match kind {
         VIRTIO_BLK_T_IN => {
             no_data("IN", "readable", &out)?;
-            let offset = data_range(backend, sector, &writable)?;
-            backend.read(dma, offset, &writable)?;
+            let offset = data_range(backend, sector, writable)?;
+            backend.read(dma, offset, writable)?;
             Ok(writable.len())
         }
         VIRTIO_BLK_T_OUT => {
-            no_data("OUT", "writable", &writable)?;
+            no_data("OUT", "writable", writable)?;
             let offset = data_range(backend, sector, &out)?;
             backend.write(dma, offset, &out)?;
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
             no_data("FLUSH", "readable", &out)?;
-            no_data("FLUSH", "writable", &writable)?;
+            no_data("FLUSH", "writable", writable)?;
             backend.flush()?;
             Ok(0)
         }
@@ -188,7 +192,7 @@ fn execute(
                 return Err(ioerr("GET_ID without an ID buffer"));
             }
             let n = dma
-                .write_sg(&writable, backend.serial())
+                .write_sg(writable, backend.serial())
                 .map_err(|e| ioerr(format!("ID buffer: {e}")))?;
             Ok(n as u64)
         }
@@ -198,7 +202,7 @@ fn execute(
             if (discard && !ctx.discard) || (!discard && !ctx.write_zeroes) {
                 return Err(unsupp(format!("{name} was not negotiated")));
             }
-            no_data(name, "writable", &writable)?;
+            no_data(name, "writable", writable)?;
             let segments = read_segments(backend, dma, &out, discard)?;
             for s in &segments {
                 if discard {
