@@ -15,6 +15,10 @@
  *   manifold_rng=1              /dev/hwrng gives bytes, and different ones on a second read
  *   manifold_hvc=1              a line on /dev/hvc0 (the host finds it in its --console file)
  *   manifold_vsock=HP,GP        connect to the host's port HP, then accept on port GP
+ *   manifold_sriovnet=K         the virtio-net SR-IOV PF: K >= 3 VFs through sriov_numvfs, K
+ *                               new interfaces, VF i's MAC the PF's + 1 + i; VF 0 sends a frame
+ *                               to VF 1's MAC through the embedded switch (AF_PACKET): VF 1
+ *                               gets it, VF 2 does not; 0 VFs: the interfaces are gone
  * With manifold_shell=1 it starts a busybox shell instead of powering off. */
 #define _GNU_SOURCE
 /* Lines and paths are cut to their buffers on purpose: sysfs names here are short. */
@@ -25,6 +29,7 @@
 #include <fcntl.h>
 #include <linux/vm_sockets.h>
 #include <net/if.h>
+#include <netpacket/packet.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -303,6 +308,161 @@ static void check_net(const char *spec) {
     check("net", strncmp(reply, "manifold-net pong", 17) == 0, detail);
 }
 
+/* --- SR-IOV virtio-net ---------------------------------------------------------------------- */
+
+static int count_netdevs(void) {
+    int n = 0;
+    DIR *d = opendir("/sys/class/net");
+    struct dirent *e;
+    while (d && (e = readdir(d)))
+        if (e->d_name[0] != '.') n++;
+    if (d) closedir(d);
+    return n;
+}
+
+static int write_str(const char *path, const char *v) {
+    int fd = open(path, O_WRONLY);
+    ssize_t n = fd < 0 ? -1 : write(fd, v, strlen(v));
+    int err = errno;
+    if (fd >= 0) close(fd);
+    errno = err;
+    return n == (ssize_t)strlen(v) ? 0 : -1;
+}
+
+/* The interface name of PCI function `dir` (a virtio-net device): dir/virtioN/net/NAME. */
+static int netdev_of(const char *dir, char *name, size_t len) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int found = -1;
+    while (d && found < 0 && (e = readdir(d))) {
+        if (strncmp(e->d_name, "virtio", 6) != 0) continue;
+        char path[256];
+        snprintf(path, sizeof path, "%s/%s/net", dir, e->d_name);
+        DIR *n = opendir(path);
+        struct dirent *f;
+        while (n && (f = readdir(n)))
+            if (f->d_name[0] != '.') {
+                snprintf(name, len, "%s", f->d_name);
+                found = 0;
+                break;
+            }
+        if (n) closedir(n);
+    }
+    if (d) closedir(d);
+    return found;
+}
+
+/* A raw socket on interface `name` for ethertype 0x88b5, the interface up; its MAC in `mac`. */
+static int packet_on(const char *name, unsigned char *mac) {
+    int s = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(0x88b5));
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+    if (s < 0 || ifreq_ioctl(s, SIOCGIFFLAGS, &ifr) < 0) return -1;
+    ifr.ifr_flags |= IFF_UP;
+    if (ifreq_ioctl(s, SIOCSIFFLAGS, &ifr) < 0 || ifreq_ioctl(s, SIOCGIFHWADDR, &ifr) < 0)
+        return -1;
+    /* Before SIOCGIFINDEX, which writes the same union. */
+    memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
+    if (ifreq_ioctl(s, SIOCGIFINDEX, &ifr) < 0) return -1;
+    struct sockaddr_ll sll = {.sll_family = AF_PACKET, .sll_protocol = htons(0x88b5),
+                              .sll_ifindex = ifr.ifr_ifindex};
+    if (bind(s, (struct sockaddr *)&sll, sizeof sll) < 0) return -1;
+    return s;
+}
+
+static void check_sriovnet(const char *spec) {
+    char detail[256], pf[160] = "", path[224], v[32];
+    int k = atoi(spec);
+    /* The PF: a virtio-net function (1af4:1041) with an SR-IOV capability. */
+    DIR *d = opendir("/sys/bus/pci/devices");
+    struct dirent *e;
+    while (d && !pf[0] && (e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char dev[16] = "";
+        snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/device", e->d_name);
+        slurp(path, dev, sizeof dev);
+        snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/sriov_totalvfs", e->d_name);
+        if (strcmp(dev, "0x1041") == 0 && access(path, R_OK) == 0)
+            snprintf(pf, sizeof pf, "/sys/bus/pci/devices/%s", e->d_name);
+    }
+    if (d) closedir(d);
+    if (!pf[0] || k < 3) {
+        check("sriovnet", 0, pf[0] ? "manifold_sriovnet=K with K >= 3" : "no virtio-net PF");
+        return;
+    }
+    /* The PF's own interface first, so that the count below is the VFs' alone. */
+    char name[3][IFNAMSIZ], pf_name[IFNAMSIZ];
+    for (int t = 0; t < 480 && netdev_of(pf, pf_name, sizeof pf_name) < 0; t++) nap_ms(250);
+    int before = count_netdevs();
+    snprintf(v, sizeof v, "%d", k);
+    snprintf(path, sizeof path, "%s/sriov_numvfs", pf);
+    if (write_str(path, v) < 0) {
+        snprintf(detail, sizeof detail, "echo %d > %s: %s", k, path, strerror(errno));
+        check("sriovnet", 0, detail);
+        return;
+    }
+    int t = 0;
+    while (count_netdevs() < before + k && t++ < 480) nap_ms(250);
+    int after = count_netdevs();
+    for (int i = 0; i < 3; i++) {
+        char vf[192];
+        snprintf(vf, sizeof vf, "%s/virtfn%d", pf, i);
+        if (netdev_of(vf, name[i], sizeof name[i]) < 0) snprintf(name[i], IFNAMSIZ, "?");
+    }
+    unsigned char mac[3][6], pf_mac[6];
+    int sp = packet_on(pf_name, pf_mac);
+    if (sp >= 0) close(sp);
+    int s0 = packet_on(name[0], mac[0]), s1 = packet_on(name[1], mac[1]);
+    int s2 = packet_on(name[2], mac[2]);
+    unsigned char frame[60] = {0}, got[128];
+    memcpy(frame, mac[1], 6);
+    memcpy(frame + 6, mac[0], 6);
+    frame[12] = 0x88;
+    frame[13] = 0xb5;
+    memcpy(frame + 14, "manifold-sriov-linux", 20);
+    ssize_t n = -1;
+    struct timeval tv = {2, 0};
+    if (s1 >= 0) setsockopt(s1, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    /* The link may take a moment to come up: a lost frame is sent again. */
+    for (int tries = 0; s0 >= 0 && s1 >= 0 && tries < 20; tries++) {
+        send(s0, frame, sizeof frame, 0);
+        n = recv(s1, got, sizeof got, 0);
+        if (n >= 34 && memcmp(got + 14, "manifold-sriov-linux", 20) == 0) break;
+        n = -1;
+    }
+    /* Unicast to a VF's own MAC: nothing for VF 2 (the frames above went to VF 1 alone). */
+    ssize_t leaked = -1;
+    if (s2 >= 0) {
+        setsockopt(s2, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        leaked = recv(s2, got + 64, 64, 0);
+    }
+    if (s0 >= 0) close(s0);
+    if (s1 >= 0) close(s1);
+    if (s2 >= 0) close(s2);
+    int macs_ok = sp >= 0 && s2 >= 0;
+    for (int i = 0; i < 3; i++) {
+        unsigned want = (((unsigned)pf_mac[3] << 16) | (pf_mac[4] << 8) | pf_mac[5]) + 1 + i;
+        macs_ok = macs_ok && mac[i][0] == ((pf_mac[0] | 2) & ~1) && mac[i][1] == pf_mac[1] &&
+                  mac[i][2] == pf_mac[2] && mac[i][3] == ((want >> 16) & 0xff) &&
+                  mac[i][4] == ((want >> 8) & 0xff) && mac[i][5] == (want & 0xff);
+    }
+    int ok = after == before + k && n >= 34 && memcmp(got, mac[1], 6) == 0 &&
+             memcmp(got + 6, mac[0], 6) == 0 && macs_ok && leaked < 0;
+    int len = snprintf(detail, sizeof detail,
+                       "%d VFs: %d interfaces -> %d; %s (%02x:%02x:%02x:%02x:%02x:%02x) -> %s "
+                       "(%02x:%02x:%02x:%02x:%02x:%02x): %s, %s on %s%s",
+                       k, before, after, name[0], mac[0][0], mac[0][1], mac[0][2], mac[0][3],
+                       mac[0][4], mac[0][5], name[1], mac[1][0], mac[1][1], mac[1][2], mac[1][3],
+                       mac[1][4], mac[1][5], n >= 0 ? "frame received" : "NO FRAME",
+                       leaked < 0 ? "none" : "ONE", name[2], macs_ok ? "" : "; MACs WRONG");
+    if (write_str(path, "0") < 0) ok = 0;
+    t = 0;
+    while (count_netdevs() > before && t++ < 480) nap_ms(250);
+    snprintf(detail + len, sizeof detail - len, "; 0 VFs: %d interfaces", count_netdevs());
+    check("sriovnet", ok && count_netdevs() == before, detail);
+}
+
 /* Each iommu group's devices, by PCI address, mapped to device ids. */
 static void check_iommu(const char *want) {
     unsigned ids[MAX_PCI];
@@ -413,13 +573,13 @@ int main(void) {
     const char *pci_want = getenv("manifold_pci"), *iommu = getenv("manifold_iommu"),
                *blk = getenv("manifold_blk"), *net = getenv("manifold_net"),
                *rng = getenv("manifold_rng"), *hvc = getenv("manifold_hvc"),
-               *vsock = getenv("manifold_vsock");
+               *vsock = getenv("manifold_vsock"), *sriovnet = getenv("manifold_sriovnet");
     if (pci_want || iommu) check_pci(pci_want ? pci_want : "");
 
-    if (iommu || blk || net || rng || vsock) say("manifold-init: loading modules\n");
+    if (iommu || blk || net || rng || vsock || sriovnet) say("manifold-init: loading modules\n");
     if (iommu) load("virtio-iommu");
     if (blk) load("virtio_blk");
-    if (net) {
+    if (net || sriovnet) {
         load("failover");
         load("net_failover");
         load("virtio_net");
@@ -435,6 +595,7 @@ int main(void) {
     if (rng) check_rng();
     if (blk) check_blk();
     if (net) check_net(net);
+    if (sriovnet) check_sriovnet(sriovnet);
     /* After blk and net: a device behind the IOMMU joins its group when its deferred probe runs. */
     if (iommu) check_iommu(iommu);
     if (vsock) check_vsock(vsock);

@@ -1,7 +1,8 @@
 //! The slow tier: the Debian 13 cloud kernel (6.12) boots under the real `manifold` binary with
 //! every device, and its `/init` (tests/linux/init.c) proves them from inside Linux with the stock
-//! drivers; the host checks the other end of each. One boot, minutes long on hosts whose KVM
-//! hands instructions back. Needs /dev/kvm, root and /dev/net/tun (tap in a network namespace).
+//! drivers; the host checks the other end of each. Two boots (every device; a virtio-net SR-IOV
+//! PF), each minutes long on hosts whose KVM hands instructions back; nextest runs them side by
+//! side. Needs /dev/kvm, root and /dev/net/tun (tap in a network namespace).
 
 mod common;
 
@@ -233,4 +234,43 @@ fn linux_proves_the_devices_from_inside() {
             .expect("the guest never connected to port 5000"),
         "hello from linux\n"
     );
+}
+
+/// Stock Linux with a virtio-net SR-IOV PF (`--net tap=NAME,vfs=4`) and its stock `virtio_pci`
+/// and `virtio_net` drivers: `echo 3 > .../sriov_numvfs` makes three virtio-net interfaces
+/// appear, a frame from the first VF to the second's MAC arrives through the embedded switch,
+/// and `echo 0` removes them (`check_sriovnet` in tests/linux/init.c); then power-off, status 0.
+#[test]
+fn linux_enables_net_vfs_that_exchange_frames() {
+    if !can_make_taps() {
+        return;
+    }
+    let (kernel, initramfs) = guest_assets();
+    const TAP: &str = "lsriov0";
+    let ns = NetNs::new("linuxsriov");
+    assert!(ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]));
+    assert!(ns.ip(&["link", "set", TAP, "up"]));
+    let cmdline = format!("{} manifold_pci=1041 manifold_sriovnet=3", base_cmdline());
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0])
+        .arg(env!("CARGO_BIN_EXE_manifold"))
+        .args([
+            "run",
+            "--kernel",
+            &kernel,
+            "--initramfs",
+            &initramfs,
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            "size=256M",
+            "--net",
+            &format!("tap={TAP},mac=52:54:00:12:34:56,vfs=4"),
+        ]);
+    let out = Running::start(&mut cmd).with_limit(LINUX_LIMIT).finish();
+    assert_eq!(out.code(), 0, "{out:?}");
+    for check in ["manifold-check pci ok", "manifold-check sriovnet ok 3 VFs"] {
+        assert!(out.stdout.contains(check), "missing `{check}`: {out:?}");
+    }
+    assert!(!out.stdout.contains("FAIL"), "{out:?}");
 }
