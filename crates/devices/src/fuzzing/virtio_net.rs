@@ -178,9 +178,20 @@ impl Harness {
             let (_, len) = self.drv.used_entry(1, used.wrapping_sub(back));
             assert_eq!(len, 0, "transmit chain with a used length");
         }
-        // The frames a plain chain must send appear in order among what was sent.
+        // The frames a plain chain must send appear in order among what was sent. A chain
+        // whose buffers overlap the used ring is left out: the device wrote used entries over
+        // them after the frame went, so memory no longer shows what was sent.
+        let used_ring = self.drv.rings[1].used_range();
         let mut j = 0;
         for &head in &heads {
+            let over_used = self
+                .drv
+                .chain(1, head)
+                .iter()
+                .any(|c| c.1 > 0 && overlaps((c.0, u64::from(c.1)), used_ring));
+            if over_used {
+                continue;
+            }
             let Some(bytes) = self.drv.plain_readable(1, head, MAX_FRAME_LEN + 1) else {
                 continue;
             };
@@ -577,6 +588,17 @@ mod tests {
         run(&[
             0x60, 0x5e, 0x5e, 0xcd, 0x5e, 0xc9, 0xc9, 0x5e, 0xc9, 0xc9, 0xc9, 0x5e, 0xc9, 0xc9,
             0xc9, 0x49, 0x32, 0xfd,
+        ]);
+    }
+
+    /// Found by cargo-fuzz (also fails on 4b378d3, before the ring view): a transmit buffer
+    /// over the used ring, which the device writes after the frame went out.
+    #[test]
+    fn transmit_buffer_over_the_used_ring() {
+        run(&[
+            0xd2, 0xff, 0x7a, 0x8e, 0x8e, 0x1e, 0x23, 0x91, 0x31, 0xe4, 0x00, 0xf9, 0x43, 0x06,
+            0x2a, 0x91, 0x6a, 0xa0, 0x08, 0x4c, 0x06, 0x5e, 0x5e, 0x5e, 0x5e, 0xff, 0x29, 0x91,
+            0x91, 0x91, 0x91, 0x06, 0xa0, 0x43, 0x43, 0x43, 0x3d, 0x92, 0x43, 0x01,
         ]);
     }
 
