@@ -486,13 +486,19 @@ impl Rx {
         let mut ring = Ring::new(queue, dma);
         // Kicks are only wanted when the device runs out of buffers (see buffers_available).
         ring.disable_notification()?;
+        // Receive in place only without an IOMMU: behind one, receive buffers are mapped
+        // write-only (Linux: DMA_FROM_DEVICE), and a frame longer than its chain would have to
+        // be read back from it (a refused access, a fault in the guest's log).
+        let direct_fd = backend
+            .rx_fd()
+            .filter(|_| !dma.memory().get_iommu_enabled());
         loop {
             if self.pending == 0 {
                 // Read only what the guest can take: frames stay in the kernel's queue.
                 if !buffers_available(&mut ring)? {
                     return Ok(());
                 }
-                let read = match backend.rx_fd() {
+                let read = match direct_fd {
                     Some(fd) => match self.receive_direct(&mut ring, dma, fd, neg, stats, used)? {
                         Direct::Done => continue,
                         Direct::Spilled(n) => Ok(n),
