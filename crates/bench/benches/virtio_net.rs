@@ -331,7 +331,6 @@ fn dev_rx(
     Ok(total)
 }
 
-
 fn kpps(d: Duration) -> f64 {
     f64::from(FRAMES) / d.as_secs_f64() / 1000.0
 }

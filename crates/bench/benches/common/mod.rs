@@ -66,4 +66,3 @@ pub fn spread(v: &[f64]) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     (v[0], v[v.len() / 2], v[v.len() - 1])
 }
-

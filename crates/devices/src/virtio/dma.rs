@@ -645,8 +645,7 @@ fn file_io_one(
     let (base, len) = (g.as_ptr(), g.len());
     if align > 1 {
         let aligned = |v: usize| v % align == 0;
-        if !(usize::try_from(offset).is_ok_and(aligned) && aligned(base as usize) && aligned(len))
-        {
+        if !(usize::try_from(offset).is_ok_and(aligned) && aligned(base as usize) && aligned(len)) {
             return Err(DmaError::Misaligned { align });
         }
     }
