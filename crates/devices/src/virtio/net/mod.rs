@@ -26,6 +26,7 @@ mod tap;
 #[cfg(test)]
 mod tests;
 
+use std::cell::Cell;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::offset_of;
 use std::num::Wrapping;
@@ -138,9 +139,29 @@ pub struct Net<B: NetBackend = Tap> {
     backend: B,
     config: [u8; CONFIG_LEN],
     rx: Rx,
-    /// Transmit frames are gathered here from guest memory (allocated once).
-    tx_buf: Vec<u8>,
     stats: NetStats,
+}
+
+thread_local! {
+    /// Where transmit frames are gathered from guest memory when the backend has no fd to
+    /// write them from guest memory directly (a switch port): used within one transmit, so
+    /// one per thread serves every device (devices are served on the event-loop thread),
+    /// rather than 64 KiB per device (per SR-IOV VF). Allocated at the first such transmit.
+    static TX_SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    /// Where frames are read from the backend (at most MAX_FRAME_LEN, hence this size); lent
+    /// to one device's [`Rx::run`] at a time. A frame left waiting for guest buffers is kept
+    /// in an exact-size `Rx::buf` instead (see [`Rx::run`]).
+    static RX_SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Take a thread's scratch buffer, `MAX_FRAME_LEN` long (allocated when it is not: first use,
+/// or lent out already).
+fn take_scratch(key: &'static std::thread::LocalKey<Cell<Vec<u8>>>) -> Vec<u8> {
+    let mut buf = key.with(Cell::take);
+    if buf.len() < MAX_FRAME_LEN {
+        buf = vec![0; MAX_FRAME_LEN];
+    }
+    buf
 }
 
 impl<B: NetBackend> std::fmt::Debug for Net<B> {
@@ -215,7 +236,6 @@ impl<B: NetBackend> Net<B> {
             backend,
             config,
             rx: Rx::new(),
-            tx_buf: vec![0; MAX_FRAME_LEN],
             stats: NetStats::default(),
         }
     }
@@ -271,12 +291,14 @@ impl<B: NetBackend> Net<B> {
         let Self {
             common,
             backend,
-            tx_buf,
             stats,
             ..
         } = self;
+        // Taken only if a frame has to be gathered (not on a tap, which writes from guest
+        // memory); given back after the queue.
+        let mut tx_buf = Vec::new();
         common.process_queue(TX_QUEUE, |dma, chain| {
-            match transmit(dma, chain, tx_buf, backend, neg) {
+            match transmit(dma, chain, &mut tx_buf, backend, neg) {
                 Ok(len) => {
                     stats.tx_frames += 1;
                     stats.tx_bytes += len as u64;
@@ -289,6 +311,9 @@ impl<B: NetBackend> Net<B> {
             // The device writes nothing into a transmit chain.
             0
         });
+        if !tx_buf.is_empty() {
+            TX_SCRATCH.with(|s| s.set(tx_buf));
+        }
     }
 }
 
@@ -338,12 +363,12 @@ fn offload_allowed(hdr: &[u8], acked: u64) -> bool {
 
 /// Send one transmit chain (header and frame, device-readable only) to the backend: straight
 /// from guest memory when the backend has a [`NetBackend::tx_fd`], else gathered into `buf`
-/// first. Every buffer is checked readable before the frame goes. Returns the frame's length
-/// with its header.
+/// first (the thread's scratch, taken into `buf` when it is empty). Every buffer is checked
+/// readable before the frame goes. Returns the frame's length with its header.
 fn transmit<B: NetBackend>(
     dma: &DmaSnapshot,
     chain: Chain<'_>,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
     backend: &mut B,
     neg: Negotiated,
 ) -> Result<usize, TxDrop> {
@@ -391,6 +416,10 @@ fn transmit<B: NetBackend>(
             Err(e) => Err(TxDrop::Dma(e)),
         };
     }
+    if buf.is_empty() {
+        *buf = take_scratch(&TX_SCRATCH);
+    }
+    // len <= MAX_FRAME_LEN (checked above) = buf.len().
     let frame = &mut buf[..len];
     dma.read_sg(&sg, frame).map_err(TxDrop::Dma)?;
     loop {
@@ -452,7 +481,9 @@ enum Direct {
 
 /// Receive-side state, all reused from frame to frame.
 struct Rx {
-    /// The frame read from the backend (header first).
+    /// The frame read from the backend (header first). While [`Rx::run_with`] runs, the
+    /// thread's `MAX_FRAME_LEN` scratch; between runs, empty, or the pending frame in a buffer
+    /// of its exact size.
     buf: Vec<u8>,
     /// Length of the frame in `buf` waiting for guest buffers; 0 when there is none.
     pending: usize,
@@ -466,7 +497,7 @@ struct Rx {
 impl Rx {
     fn new() -> Self {
         Self {
-            buf: vec![0; MAX_FRAME_LEN],
+            buf: Vec::new(),
             pending: 0,
             chains: Vec::new(),
             ranges: Vec::new(),
@@ -474,7 +505,32 @@ impl Rx {
         }
     }
 
+    /// Serve the receive queue with the thread's scratch as `buf`; afterwards keep only the
+    /// frame left pending (exact size: a device waiting for guest buffers holds its frame, not
+    /// 64 KiB).
     fn run<B: NetBackend>(
+        &mut self,
+        queue: &mut Queue,
+        dma: &DmaSnapshot,
+        backend: &mut B,
+        neg: Negotiated,
+        stats: &mut NetStats,
+        used: &mut bool,
+    ) -> Result<(), QueueError> {
+        let mut scratch = take_scratch(&RX_SCRATCH);
+        // pending <= buf.len() (a frame read into the scratch, at most MAX_FRAME_LEN).
+        scratch[..self.pending].copy_from_slice(&self.buf[..self.pending]);
+        self.buf = scratch;
+        let result = self.run_with(queue, dma, backend, neg, stats, used);
+        let scratch = std::mem::take(&mut self.buf);
+        if self.pending > 0 {
+            self.buf = scratch[..self.pending].to_vec();
+        }
+        RX_SCRATCH.with(|s| s.set(scratch));
+        result
+    }
+
+    fn run_with<B: NetBackend>(
         &mut self,
         queue: &mut Queue,
         dma: &DmaSnapshot,
@@ -866,6 +922,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     fn reset(&mut self) {
         self.common.reset();
         self.rx.pending = 0;
+        self.rx.buf = Vec::new();
         if let Err(e) = self.backend.set_offload(0) {
             tracing::debug!("virtio-net: cannot clear tap offloads: {e}");
         }

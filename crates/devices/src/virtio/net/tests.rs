@@ -587,6 +587,8 @@ fn mergeable_frame_waits_for_enough_buffers() {
     assert_eq!(s.reads.load(Ordering::SeqCst), reads(1));
     assert_eq!(s.rx.used_idx(), 0, "frame waits");
     assert_eq!(s.rx.avail_event(), 1, "kick wanted at the next buffer");
+    // Held at its own size, not in a MAX_FRAME_LEN buffer (the thread's scratch went back).
+    assert_eq!(s.dev.rx.buf.len(), sent.len());
     // More input does not get read while the frame waits.
     s.peer.send(&with_hdr(hdr(0, 0), &frame(60, 1))).unwrap();
     s.dev.process_backend();
@@ -604,6 +606,7 @@ fn mergeable_frame_waits_for_enough_buffers() {
     );
     assert_eq!(s.rx.read(BUF + 10, 2), [3, 0]);
     assert_eq!(s.rx.read(BUF + 0x2000, 964), &sent[2048..]);
+    assert!(s.dev.rx.buf.is_empty(), "nothing held once delivered");
     // The second frame stays in the backend until there is a buffer for it.
     assert_eq!(s.reads.load(Ordering::SeqCst), reads(1));
     s.rx.add(&[Desc::w(BUF + 0x3000, 1024)]);
