@@ -15,10 +15,10 @@
  *   manifold_rng=1              /dev/hwrng gives bytes, and different ones on a second read
  *   manifold_hvc=1              a line on /dev/hvc0 (the host finds it in its --console file)
  *   manifold_vsock=HP,GP        connect to the host's port HP, then accept on port GP
- *   manifold_sriovnet=K         the virtio-net SR-IOV PF: K >= 3 VFs through sriov_numvfs, K
- *                               new interfaces, VF i's MAC the PF's + 1 + i; VF 0 sends a frame
- *                               to VF 1's MAC through the embedded switch (AF_PACKET): VF 1
- *                               gets it, VF 2 does not; 0 VFs: the interfaces are gone
+ *   manifold_sriovnet=K         the virtio-net SR-IOV PF: K (2..8) VFs through sriov_numvfs, K
+ *                               new interfaces, VF i's MAC the PF's + 1 + i; VF 0 and VF 1 moved
+ *                               into two new network namespaces ping each other (ICMP echo,
+ *                               ARP through the embedded switch); 0 VFs: the interfaces are gone
  * With manifold_shell=1 it starts a busybox shell instead of powering off. */
 #define _GNU_SOURCE
 /* Lines and paths are cut to their buffers on purpose: sysfs names here are short. */
@@ -27,9 +27,12 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
 #include <linux/vm_sockets.h>
 #include <net/if.h>
-#include <netpacket/packet.h>
+#include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +43,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -310,6 +314,8 @@ static void check_net(const char *spec) {
 
 /* --- SR-IOV virtio-net ---------------------------------------------------------------------- */
 
+#define MAX_VFS 8
+
 static int count_netdevs(void) {
     int n = 0;
     DIR *d = opendir("/sys/class/net");
@@ -352,27 +358,187 @@ static int netdev_of(const char *dir, char *name, size_t len) {
     return found;
 }
 
-/* A raw socket on interface `name` for ethertype 0x88b5, the interface up; its MAC in `mac`. */
-static int packet_on(const char *name, unsigned char *mac) {
-    int s = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(0x88b5));
+/* Interface `name` up (flags read first: setting them replaces all the changeable ones), with
+ * address `a` if it is not 0; the classful default mask (/8 for 10.x) is all the ping needs. */
+static int if_up(int s, const char *name, in_addr_t a) {
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
     snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
-    if (s < 0 || ifreq_ioctl(s, SIOCGIFFLAGS, &ifr) < 0) return -1;
+    if (a) {
+        set_addr(&ifr, a);
+        if (ifreq_ioctl(s, SIOCSIFADDR, &ifr) < 0) return -1;
+    }
+    if (ifreq_ioctl(s, SIOCGIFFLAGS, &ifr) < 0) return -1;
     ifr.ifr_flags |= IFF_UP;
-    if (ifreq_ioctl(s, SIOCSIFFLAGS, &ifr) < 0 || ifreq_ioctl(s, SIOCGIFHWADDR, &ifr) < 0)
-        return -1;
-    /* Before SIOCGIFINDEX, which writes the same union. */
-    memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
-    if (ifreq_ioctl(s, SIOCGIFINDEX, &ifr) < 0) return -1;
-    struct sockaddr_ll sll = {.sll_family = AF_PACKET, .sll_protocol = htons(0x88b5),
-                              .sll_ifindex = ifr.ifr_ifindex};
-    if (bind(s, (struct sockaddr *)&sll, sizeof sll) < 0) return -1;
-    return s;
+    return ifreq_ioctl(s, SIOCSIFFLAGS, &ifr);
+}
+
+/* Move interfaces `names[i]` into the network namespaces of processes `pids[i]`: one
+ * RTM_NEWLINK each (found by IFLA_IFNAME, moved by IFLA_NET_NS_PID), all in one send, then
+ * their acks. 0 or a negative errno. */
+static int move_to_netns(char (*names)[IFNAMSIZ], const pid_t *pids, int n) {
+    struct req {
+        struct nlmsghdr nh;
+        struct ifinfomsg ifi;
+        struct rtattr pid_attr;
+        uint32_t pid;
+        struct rtattr name_attr;
+        char name[IFNAMSIZ];
+    } req[2];
+    if (n > 2) return -EINVAL;
+    memset(req, 0, sizeof req);
+    for (int i = 0; i < n; i++) {
+        req[i].nh = (struct nlmsghdr){.nlmsg_len = sizeof req[i], .nlmsg_type = RTM_NEWLINK,
+                                      .nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK,
+                                      .nlmsg_seq = i + 1};
+        req[i].ifi.ifi_family = AF_UNSPEC;
+        req[i].pid_attr = (struct rtattr){RTA_LENGTH(sizeof(uint32_t)), IFLA_NET_NS_PID};
+        req[i].pid = pids[i];
+        req[i].name_attr = (struct rtattr){RTA_LENGTH(IFNAMSIZ), IFLA_IFNAME};
+        snprintf(req[i].name, IFNAMSIZ, "%s", names[i]);
+    }
+    int s = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (s < 0) return -errno;
+    int err = send(s, req, n * sizeof req[0], 0) < 0 ? -errno : 0;
+    /* Each request's ack: an NLMSG_ERROR carrying 0 or the errno; they may share a read. */
+    for (int acked = 0; err == 0 && acked < n;) {
+        char buf[1024];
+        ssize_t len = recv(s, buf, sizeof buf, 0);
+        if (len < 0) err = -errno;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)buf; len > 0 && NLMSG_OK(h, len);
+             h = NLMSG_NEXT(h, len)) {
+            if (h->nlmsg_type != NLMSG_ERROR) continue;
+            acked++;
+            int e = ((struct nlmsgerr *)NLMSG_DATA(h))->error;
+            if (e) err = e;
+        }
+    }
+    close(s);
+    return err;
+}
+
+static uint16_t inet_sum(const void *p, size_t n) {
+    const uint16_t *w = p;
+    uint32_t sum = 0;
+    for (; n > 1; n -= 2) sum += *w++;
+    if (n) sum += *(const uint8_t *)w;
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    return ~sum;
+}
+
+static long usec_since(const struct timespec *t0) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) * 1000000L + (t.tv_nsec - t0->tv_nsec) / 1000;
+}
+
+/* What the pinging namespace reports back to init through a pipe (one write, atomic). */
+struct ping_result {
+    int replies, sent, err;
+    long first_us, second_us; /* the first reply (its ARP resolution included), the next one */
+};
+
+/* In the pinging namespace: ICMP echo requests from a raw socket to `to` until two replies
+ * came back (one a second, at most 30 requests). The other namespace's kernel answers. */
+static struct ping_result ping_twice(in_addr_t to) {
+    struct ping_result r = {0};
+    int s = socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_ICMP);
+    if (s < 0) {
+        r.err = errno;
+        return r;
+    }
+    struct timeval tv = {1, 0};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_addr = {to}};
+    while (r.replies < 2 && r.sent < 30) {
+        struct {
+            uint8_t type, code;
+            uint16_t sum, id, seq;
+            char data[24];
+        } echo = {.type = 8, .id = htons(0x6d66), .seq = htons(++r.sent)};
+        memcpy(echo.data, "manifold-sriov-ping-ns", 22);
+        echo.sum = inet_sum(&echo, sizeof echo);
+        struct timespec t0;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        if (sendto(s, &echo, sizeof echo, 0, (struct sockaddr *)&dst, sizeof dst) < 0) {
+            r.err = errno;
+            nap_ms(1000); /* no route or link yet: wait as a lost reply would */
+            continue;
+        }
+        /* A raw ICMP socket sees the IP header too; take only our reply, from `to`. */
+        unsigned char got[128];
+        ssize_t n;
+        while ((n = recv(s, got, sizeof got, 0)) >= 0) {
+            int ihl = (got[0] & 15) * 4;
+            uint16_t seq;
+            memcpy(&seq, got + ihl + 6, 2);
+            if (n >= ihl + 8 && memcmp(got + 12, &to, 4) == 0 && got[ihl] == 0 &&
+                ntohs(seq) == r.sent) {
+                if (r.replies++ == 0) r.first_us = usec_since(&t0);
+                else r.second_us = usec_since(&t0);
+                break;
+            }
+        }
+    }
+    close(s);
+    return r;
+}
+
+/* VF interfaces a and b into two new network namespaces, 10.77.0.1 and 10.77.0.2 on them, and a
+ * ping from the first to the second: ARP and ICMP through the embedded switch, nothing else
+ * shared. Each namespace is a child that unshared one; init moves the interfaces in by netlink.
+ * Pipes order it: `ready` (children to init: unshared, then the result), `go` (init to children:
+ * the interfaces are in). The answering child waits for init's SIGKILL. */
+static struct ping_result ping_between_netns(char (*names)[IFNAMSIZ]) {
+    struct ping_result r = {0};
+    int ready[2], go[2];
+    pid_t pids[2] = {-1, -1};
+    if (pipe2(ready, O_CLOEXEC) < 0 || pipe2(go, O_CLOEXEC) < 0) {
+        r.err = errno;
+        return r;
+    }
+    for (int i = 0; i < 2; i++) {
+        pids[i] = fork();
+        if (pids[i] != 0) continue;
+        close(go[1]); /* so that init's close is the EOF */
+        char c = unshare(CLONE_NEWNET) == 0 ? 'u' : 'x';
+        (void)!write(ready[1], &c, 1);
+        if (c == 'x' || read(go[0], &c, 1) != 1) _exit(1);
+        int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        int up = s >= 0 && if_up(s, "lo", 0) == 0 &&
+                 if_up(s, names[i], htonl(0x0a4d0001 + i)) == 0;
+        if (i == 0) {
+            struct ping_result mine = {.err = up ? 0 : errno};
+            if (up) mine = ping_twice(htonl(0x0a4d0002));
+            (void)!write(ready[1], &mine, sizeof mine);
+        } else {
+            pause(); /* its kernel answers the pings until init kills it */
+        }
+        _exit(0);
+    }
+    close(ready[1]);
+    char c[2];
+    int got = 0;
+    while (pids[0] > 0 && pids[1] > 0 && got < 2 && read(ready[0], c + got, 1) == 1 && c[got] == 'u') got++;
+    if (got < 2) {
+        r.err = ENOTSUP;
+    } else if ((r.err = -move_to_netns(names, pids, 2)) == 0 && write(go[1], "gg", 2) == 2 &&
+               read(ready[0], &r, sizeof r) != sizeof r) {
+        r.err = EPIPE;
+    }
+    close(go[1]);
+    close(ready[0]);
+    close(go[0]);
+    for (int i = 0; i < 2; i++)
+        if (pids[i] > 0) {
+            kill(pids[i], SIGKILL);
+            waitpid(pids[i], NULL, 0);
+        }
+    return r;
 }
 
 static void check_sriovnet(const char *spec) {
-    char detail[256], pf[160] = "", path[224], v[32];
+    char detail[400], pf[160] = "", path[224], v[32];
     int k = atoi(spec);
     /* The PF: a virtio-net function (1af4:1041) with an SR-IOV capability. */
     DIR *d = opendir("/sys/bus/pci/devices");
@@ -387,12 +553,12 @@ static void check_sriovnet(const char *spec) {
             snprintf(pf, sizeof pf, "/sys/bus/pci/devices/%s", e->d_name);
     }
     if (d) closedir(d);
-    if (!pf[0] || k < 3) {
-        check("sriovnet", 0, pf[0] ? "manifold_sriovnet=K with K >= 3" : "no virtio-net PF");
+    if (!pf[0] || k < 2 || k > MAX_VFS) {
+        check("sriovnet", 0, pf[0] ? "manifold_sriovnet=K with 2 <= K <= 8" : "no virtio-net PF");
         return;
     }
     /* The PF's own interface first, so that the count below is the VFs' alone. */
-    char name[3][IFNAMSIZ], pf_name[IFNAMSIZ];
+    char name[MAX_VFS][IFNAMSIZ], pf_name[IFNAMSIZ];
     for (int t = 0; t < 480 && netdev_of(pf, pf_name, sizeof pf_name) < 0; t++) nap_ms(250);
     int before = count_netdevs();
     snprintf(v, sizeof v, "%d", k);
@@ -405,57 +571,43 @@ static void check_sriovnet(const char *spec) {
     int t = 0;
     while (count_netdevs() < before + k && t++ < 480) nap_ms(250);
     int after = count_netdevs();
-    for (int i = 0; i < 3; i++) {
+    /* Each VF's interface and MAC: VF i's is the PF's + 1 + i, locally administered. */
+    unsigned char mac[6], pf_mac[6] = {0};
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", pf_name);
+    int macs_ok = ifreq_ioctl(s, SIOCGIFHWADDR, &ifr) == 0;
+    memcpy(pf_mac, ifr.ifr_hwaddr.sa_data, 6);
+    unsigned pf_low = ((unsigned)pf_mac[3] << 16) | (pf_mac[4] << 8) | pf_mac[5];
+    for (int i = 0; i < k; i++) {
         char vf[192];
         snprintf(vf, sizeof vf, "%s/virtfn%d", pf, i);
         if (netdev_of(vf, name[i], sizeof name[i]) < 0) snprintf(name[i], IFNAMSIZ, "?");
+        snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name[i]);
+        int got = ifreq_ioctl(s, SIOCGIFHWADDR, &ifr) == 0;
+        memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
+        unsigned want = pf_low + 1 + i;
+        macs_ok = macs_ok && got && mac[0] == ((pf_mac[0] | 2) & ~1) && mac[1] == pf_mac[1] &&
+                  mac[2] == pf_mac[2] && mac[3] == ((want >> 16) & 0xff) &&
+                  mac[4] == ((want >> 8) & 0xff) && mac[5] == (want & 0xff);
     }
-    unsigned char mac[3][6], pf_mac[6];
-    int sp = packet_on(pf_name, pf_mac);
-    if (sp >= 0) close(sp);
-    int s0 = packet_on(name[0], mac[0]), s1 = packet_on(name[1], mac[1]);
-    int s2 = packet_on(name[2], mac[2]);
-    unsigned char frame[60] = {0}, got[128];
-    memcpy(frame, mac[1], 6);
-    memcpy(frame + 6, mac[0], 6);
-    frame[12] = 0x88;
-    frame[13] = 0xb5;
-    memcpy(frame + 14, "manifold-sriov-linux", 20);
-    ssize_t n = -1;
-    struct timeval tv = {2, 0};
-    if (s1 >= 0) setsockopt(s1, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    /* The link may take a moment to come up: a lost frame is sent again. */
-    for (int tries = 0; s0 >= 0 && s1 >= 0 && tries < 20; tries++) {
-        send(s0, frame, sizeof frame, 0);
-        n = recv(s1, got, sizeof got, 0);
-        if (n >= 34 && memcmp(got + 14, "manifold-sriov-linux", 20) == 0) break;
-        n = -1;
-    }
-    /* Unicast to a VF's own MAC: nothing for VF 2 (the frames above went to VF 1 alone). */
-    ssize_t leaked = -1;
-    if (s2 >= 0) {
-        setsockopt(s2, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-        leaked = recv(s2, got + 64, 64, 0);
-    }
-    if (s0 >= 0) close(s0);
-    if (s1 >= 0) close(s1);
-    if (s2 >= 0) close(s2);
-    int macs_ok = sp >= 0 && s2 >= 0;
-    for (int i = 0; i < 3; i++) {
-        unsigned want = (((unsigned)pf_mac[3] << 16) | (pf_mac[4] << 8) | pf_mac[5]) + 1 + i;
-        macs_ok = macs_ok && mac[i][0] == ((pf_mac[0] | 2) & ~1) && mac[i][1] == pf_mac[1] &&
-                  mac[i][2] == pf_mac[2] && mac[i][3] == ((want >> 16) & 0xff) &&
-                  mac[i][4] == ((want >> 8) & 0xff) && mac[i][5] == (want & 0xff);
-    }
-    int ok = after == before + k && n >= 34 && memcmp(got, mac[1], 6) == 0 &&
-             memcmp(got + 6, mac[0], 6) == 0 && macs_ok && leaked < 0;
-    int len = snprintf(detail, sizeof detail,
-                       "%d VFs: %d interfaces -> %d; %s (%02x:%02x:%02x:%02x:%02x:%02x) -> %s "
-                       "(%02x:%02x:%02x:%02x:%02x:%02x): %s, %s on %s%s",
-                       k, before, after, name[0], mac[0][0], mac[0][1], mac[0][2], mac[0][3],
-                       mac[0][4], mac[0][5], name[1], mac[1][0], mac[1][1], mac[1][2], mac[1][3],
-                       mac[1][4], mac[1][5], n >= 0 ? "frame received" : "NO FRAME",
-                       leaked < 0 ? "none" : "ONE", name[2], macs_ok ? "" : "; MACs WRONG");
+    if (s >= 0) close(s);
+    int len = snprintf(detail, sizeof detail, "%d VFs: %d interfaces -> %d (%s..%s), MACs %s", k,
+                       before, after, name[0], name[k - 1], macs_ok ? "PF+1.." : "WRONG");
+    struct ping_result r = ping_between_netns(name);
+    int ok = after == before + k && macs_ok && r.replies == 2;
+    if (r.replies == 2)
+        len += snprintf(detail + len, sizeof detail - len,
+                        "; ping %s (netns A, 10.77.0.1) -> %s (netns B, 10.77.0.2): 2 replies to "
+                        "%d requests, round trip %ld.%03ld ms (with ARP), %ld.%03ld ms",
+                        name[0], name[1], r.sent, r.first_us / 1000, r.first_us % 1000,
+                        r.second_us / 1000, r.second_us % 1000);
+    else
+        len += snprintf(detail + len, sizeof detail - len,
+                        "; ping %s (netns A) -> %s (netns B): %d replies to %d requests, %s",
+                        name[0], name[1], r.replies, r.sent, strerror(r.err));
+    if (len >= (int)sizeof detail) len = sizeof detail - 1;
     if (write_str(path, "0") < 0) ok = 0;
     t = 0;
     while (count_netdevs() > before && t++ < 480) nap_ms(250);

@@ -237,9 +237,10 @@ fn linux_proves_the_devices_from_inside() {
 }
 
 /// Stock Linux with a virtio-net SR-IOV PF (`--net tap=NAME,vfs=4`) and its stock `virtio_pci`
-/// and `virtio_net` drivers: `echo 3 > .../sriov_numvfs` makes three virtio-net interfaces
-/// appear, a frame from the first VF to the second's MAC arrives through the embedded switch,
-/// and `echo 0` removes them (`check_sriovnet` in tests/linux/init.c); then power-off, status 0.
+/// and `virtio_net` drivers: `echo 4 > .../sriov_numvfs` makes four virtio-net interfaces appear
+/// with the PF's MAC + 1..4; the first two, moved into two network namespaces inside the guest,
+/// ping each other (ICMP echo, ARP through the embedded switch); `echo 0` removes them
+/// (`check_sriovnet` in tests/linux/init.c); then power-off, status 0.
 #[test]
 fn linux_enables_net_vfs_that_exchange_frames() {
     if !can_make_taps() {
@@ -250,7 +251,7 @@ fn linux_enables_net_vfs_that_exchange_frames() {
     let ns = NetNs::new("linuxsriov");
     assert!(ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]));
     assert!(ns.ip(&["link", "set", TAP, "up"]));
-    let cmdline = format!("{} manifold_pci=1041 manifold_sriovnet=3", base_cmdline());
+    let cmdline = format!("{} manifold_pci=1041 manifold_sriovnet=4", base_cmdline());
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.0])
         .arg(env!("CARGO_BIN_EXE_manifold"))
@@ -269,8 +270,20 @@ fn linux_enables_net_vfs_that_exchange_frames() {
         ]);
     let out = Running::start(&mut cmd).with_limit(LINUX_LIMIT).finish();
     assert_eq!(out.code(), 0, "{out:?}");
-    for check in ["manifold-check pci ok", "manifold-check sriovnet ok 3 VFs"] {
+    for check in [
+        "manifold-check pci ok",
+        "manifold-check sriovnet ok 4 VFs",
+        "(netns B, 10.77.0.2): 2 replies",
+    ] {
         assert!(out.stdout.contains(check), "missing `{check}`: {out:?}");
+    }
+    // The line carries the measured round trip: shown with `--success-output immediate`.
+    for line in out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("manifold-check sriovnet"))
+    {
+        println!("{line}");
     }
     assert!(!out.stdout.contains("FAIL"), "{out:?}");
 }
