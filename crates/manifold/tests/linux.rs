@@ -52,6 +52,18 @@ fn guest_assets() -> (String, String) {
     (s("vmlinuz"), s("initramfs.cpio"))
 }
 
+/// `manifold run` of the Debian kernel and initramfs with 256 MiB and `cmdline`, inside the
+/// network namespace `ns` (where the test's tap is); the caller adds the devices.
+fn linux_in(ns: &NetNs, cmdline: &str) -> Command {
+    let (kernel, initramfs) = guest_assets();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0])
+        .arg(env!("CARGO_BIN_EXE_manifold"))
+        .args(["run", "--kernel", &kernel, "--initramfs", &initramfs])
+        .args(["--cmdline", cmdline, "--memory", "size=256M"]);
+    cmd
+}
+
 /// The boot options every Linux run here uses (tests/linux/cmdline, shared with scripts/demo).
 fn base_cmdline() -> String {
     std::fs::read_to_string(repo_root().join("tests/linux/cmdline"))
@@ -71,7 +83,6 @@ fn linux_proves_the_devices_from_inside() {
     if !can_make_taps() {
         return;
     }
-    let (kernel, initramfs) = guest_assets();
     let dir = TempDir::new("linux");
 
     // The disk: zeros where the guest writes, a pattern of the host's where it reads.
@@ -126,34 +137,23 @@ fn linux_proves_the_devices_from_inside() {
          manifold_hvc=1 manifold_vsock=5000,1234",
         base_cmdline()
     );
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0])
-        .arg(env!("CARGO_BIN_EXE_manifold"))
-        .args([
-            "run",
-            "--kernel",
-            &kernel,
-            "--initramfs",
-            &initramfs,
-            "--cmdline",
-            &cmdline,
-            "--memory",
-            "size=256M",
-            "--cpus",
-            "boot=2",
-            "--iommu",
-            "--disk",
-            &format!("path={disk},iommu=on"),
-            "--net",
-            &format!("tap={TAP},mac=52:54:00:12:34:56,iommu=on"),
-            "--rng",
-            "--console",
-            &format!("file={hvc}"),
-            "--vsock",
-            &format!("cid=3,socket={socket}"),
-            "--log-level",
-            "debug",
-        ]);
+    let mut cmd = linux_in(&ns, &cmdline);
+    cmd.args([
+        "--cpus",
+        "boot=2",
+        "--iommu",
+        "--disk",
+        &format!("path={disk},iommu=on"),
+        "--net",
+        &format!("tap={TAP},mac=52:54:00:12:34:56,iommu=on"),
+        "--rng",
+        "--console",
+        &format!("file={hvc}"),
+        "--vsock",
+        &format!("cid=3,socket={socket}"),
+        "--log-level",
+        "debug",
+    ]);
     let started = Instant::now();
     let mut vm = Running::start(&mut cmd).with_limit(LINUX_LIMIT);
     vm.wait_for("Run /init as init process");
@@ -246,28 +246,13 @@ fn linux_enables_net_vfs_that_exchange_frames() {
     if !can_make_taps() {
         return;
     }
-    let (kernel, initramfs) = guest_assets();
     const TAP: &str = "lsriov0";
     let ns = NetNs::new("linuxsriov");
     assert!(ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]));
     assert!(ns.ip(&["link", "set", TAP, "up"]));
     let cmdline = format!("{} manifold_pci=1041 manifold_sriovnet=4", base_cmdline());
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0])
-        .arg(env!("CARGO_BIN_EXE_manifold"))
-        .args([
-            "run",
-            "--kernel",
-            &kernel,
-            "--initramfs",
-            &initramfs,
-            "--cmdline",
-            &cmdline,
-            "--memory",
-            "size=256M",
-            "--net",
-            &format!("tap={TAP},mac=52:54:00:12:34:56,vfs=4"),
-        ]);
+    let mut cmd = linux_in(&ns, &cmdline);
+    cmd.args(["--net", &format!("tap={TAP},mac=52:54:00:12:34:56,vfs=4")]);
     let out = Running::start(&mut cmd).with_limit(LINUX_LIMIT).finish();
     assert_eq!(out.code(), 0, "{out:?}");
     for check in [
