@@ -324,6 +324,9 @@ uptr sriov_cfg(u32 rid);
  * ARI) and ARI Capable Hierarchy, 4 KiB System Page Size. 0, or -1 with a line printed.
  */
 int sriov_find(struct sriov *s, u32 bus);
+/* The SR-IOV guests' command line: bus=B (the port's secondary bus, default 1) and vfs=N,M,...
+ * (VFs per enable cycle, default one cycle of 2). Nonzero when malformed. */
+int sriov_args(const char *cmdline, u32 *bus, u32 *counts, u32 max, u32 *ncycles);
 /* Size VF BAR 0, place an aperture for `max_vfs` after the PF's BAR `pf_bar`, open the
  * port's memory window over both. 0, or -1 with a line printed. */
 int sriov_place(struct sriov *s, uptr pf_bar, u32 max_vfs);

@@ -110,3 +110,16 @@ void sriov_disable(struct sriov *s)
 {
 	mmio_write16(s->pf + s->cap + SRIOV_CTRL, ctrl_base(s));
 }
+
+int sriov_args(const char *cmdline, u32 *bus, u32 *counts, u32 max, u32 *ncycles)
+{
+	const char *arg = cmdline_find(cmdline, "bus");
+	int ok = 1;
+	*bus = arg ? (u32)parse_u64(arg, &ok) : 1;
+	counts[0] = 2;
+	*ncycles = 1;
+	arg = cmdline_find(cmdline, "vfs");
+	if (arg)
+		*ncycles = parse_list(arg, counts, max);
+	return !ok || *bus == 0 || *bus > 255 || *ncycles == 0;
+}

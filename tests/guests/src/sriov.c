@@ -151,19 +151,12 @@ int guest_main(struct boot_info *bi)
 	virtio_irq_init();
 	pci_scan();
 
-	const char *arg = cmdline_find(bi->cmdline, "bus");
-	int ok = 1;
-	u32 bus = arg ? (u32)parse_u64(arg, &ok) : 1;
-	u32 counts[MAX_CYCLES], ncycles = 1;
-	counts[0] = 2;
-	arg = cmdline_find(bi->cmdline, "vfs");
-	if (arg)
-		ncycles = parse_list(arg, counts, MAX_CYCLES);
-	if (!ok || bus == 0 || bus > 255 || ncycles == 0) {
+	u32 bus, counts[MAX_CYCLES], ncycles;
+	if (sriov_args(bi->cmdline, &bus, counts, MAX_CYCLES, &ncycles)) {
 		print("bad command line\n");
 		return 1;
 	}
-	arg = cmdline_find(bi->cmdline, "iommu");
+	const char *arg = cmdline_find(bi->cmdline, "iommu");
 	with_iommu = arg && arg[0] == '1';
 	if (with_iommu) {
 		if (viommu_init(&iommu, 8))
