@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TempDir, TempFile, assert_printed, guest_path as path, run};
+use common::{TempFile, assert_printed, guest_path as path, run};
 
 /// `--iommu` with both disks behind it: a guest without an IOMMU driver still reaches them (the
 /// virtio-iommu's `bypass` bit is set at reset, so unattached endpoints are identity-mapped),
@@ -108,31 +108,7 @@ fn virtio_iommu_translates_and_isolates() {
 /// without an IOMMU driver reaches them all through the bypass, and each is an endpoint.
 #[test]
 fn virtio_devices_side_by_side_behind_the_iommu() {
-    let mut image = b"multi-disk-0".to_vec();
-    image.resize(1 << 20, 0);
-    let disk = TempFile::new("multi-iommu.img", &image);
-    let console = TempFile::new("multi-iommu-console.out", b"");
-    let dir = TempDir::new("multi-iommu");
-    let out = run(&[
-        "run",
-        "--kernel",
-        &path("multi-pvh.elf"),
-        "--cmdline",
-        "multi-disk-0",
-        "--memory",
-        "size=64M",
-        "--iommu",
-        "--disk",
-        &format!("path={},iommu=on", disk.path()),
-        "--rng",
-        "iommu=on",
-        "--console",
-        &format!("file={},iommu=on", console.path()),
-        "--vsock",
-        &format!("cid=7,socket={},iommu=on", dir.join("vsock.sock")),
-        "--log-level",
-        "debug",
-    ]);
+    let (out, written) = common::multi::run_multi("multi-iommu", true);
     assert_eq!(out.code(), 1, "{out:?}");
     assert_printed(
         &out,
@@ -149,7 +125,6 @@ fn virtio_devices_side_by_side_behind_the_iommu() {
         4,
         "{out:?}"
     );
-    let written = std::fs::read_to_string(console.path()).expect("read console file");
     assert_eq!(written, "multi hvc0\n");
 }
 

@@ -242,29 +242,7 @@ fn virtio_pci_refuses_a_misbehaving_driver() {
 /// 0, BARs apart, MSI-X each, and each works beside the others.
 #[test]
 fn virtio_devices_side_by_side() {
-    let mut image = b"multi-disk-0".to_vec();
-    image.resize(1 << 20, 0);
-    let disk = TempFile::new("multi.img", &image);
-    let console = TempFile::new("multi-console.out", b"");
-    let dir = TempDir::new("multi");
-    let out = run(&[
-        "run",
-        "--kernel",
-        &path("multi-pvh.elf"),
-        "--cmdline",
-        "multi-disk-0",
-        "--memory",
-        "size=64M",
-        "--disk",
-        &format!("path={}", disk.path()),
-        "--rng",
-        "--console",
-        &format!("file={}", console.path()),
-        "--vsock",
-        &format!("cid=7,socket={}", dir.join("vsock.sock")),
-        "--log-level",
-        "debug",
-    ]);
+    let (out, written) = common::multi::run_multi("multi", false);
     assert_eq!(out.code(), 1, "{out:?}");
     assert_printed(
         &out,
@@ -283,7 +261,6 @@ fn virtio_devices_side_by_side() {
         ],
     );
     assert_kicks_stayed_in_the_kernel(&out);
-    let written = std::fs::read_to_string(console.path()).expect("read console file");
     assert_eq!(written, "multi hvc0\n");
 }
 

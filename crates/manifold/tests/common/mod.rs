@@ -9,6 +9,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod multi;
 pub mod net;
 
 /// A guard against a hung guest: far above any expected run, not a performance assertion.
