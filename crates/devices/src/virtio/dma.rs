@@ -102,6 +102,7 @@ impl SgList {
     }
 
     /// Append a range; empty ranges are dropped.
+    #[inline]
     pub fn push(&mut self, addr: u64, len: u64) {
         if len > 0 {
             self.ranges.push(DmaRange { addr, len });
@@ -112,6 +113,7 @@ impl SgList {
     }
 
     /// Total length in bytes.
+    #[inline]
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -120,6 +122,7 @@ impl SgList {
         self.len == 0
     }
 
+    #[inline]
     pub fn ranges(&self) -> &[DmaRange] {
         &self.ranges
     }
@@ -294,6 +297,9 @@ impl DmaSnapshot {
 
     /// Whether `[addr, addr+len)` is reachable for `access`.
     pub fn check(&self, addr: u64, len: u64, access: Access) -> Result<(), DmaError> {
+        if self.fast(addr, len, access)?.is_some() {
+            return Ok(());
+        }
         let mut slices = Slices::new();
         self.range_slices(addr, len, access, &mut slices)
     }
@@ -312,18 +318,38 @@ impl DmaSnapshot {
     /// once, as for any access): `Some` when it is one host slice, `None` when it is split over
     /// several memory regions or mappings (the caller then takes its general path, which
     /// translates again but cannot be refused).
+    #[inline]
     pub(crate) fn single(
         &self,
         addr: u64,
         len: u64,
         access: Access,
     ) -> Result<Option<VolatileSlice<'_, ()>>, DmaError> {
+        if let Some(one) = self.fast(addr, len, access)? {
+            return Ok(Some(one));
+        }
         let mut slices = Slices::new();
         self.range_slices(addr, len, access, &mut slices)?;
         Ok(match slices.as_slice() {
             [one] => Some(*one),
             _ => None,
         })
+    }
+
+    /// The one host slice behind `[addr, addr+len)` found without lists (one mapping, one
+    /// memory region: nearly every access), checked for `access`; `Ok(None)` when the general
+    /// path must tell (it cannot be refused by translation then).
+    #[inline]
+    fn fast(
+        &self,
+        addr: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Option<VolatileSlice<'_, ()>>, DmaError> {
+        let n = range_len(addr, len)?;
+        self.mem
+            .one_slice(addr, n, access.permissions())
+            .map_err(|_| DmaError::Unreachable { addr, len, access })
     }
 
     /// The host slices behind `[addr, addr+len)`, appended to `out`, checked for `access`
@@ -345,6 +371,9 @@ impl DmaSnapshot {
 
     /// A byte the device will write later (a request's status), checked for writing now.
     pub fn byte(&self, addr: u64) -> Result<DmaByte<'_>, DmaError> {
+        if let Some(slice) = self.fast(addr, 1, Access::Write)? {
+            return Ok(DmaByte { slice });
+        }
         let mut slices = Slices::new();
         self.range_slices(addr, 1, Access::Write, &mut slices)?;
         match slices.into_iter().next() {
@@ -361,6 +390,10 @@ impl DmaSnapshot {
     /// Copy `buf.len()` bytes from the DMA space. The whole range is checked before any byte
     /// moves.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        if let Some(one) = self.fast(addr, buf.len() as u64, Access::Read)? {
+            one.copy_to(buf);
+            return Ok(());
+        }
         let mut slices = Slices::new();
         self.range_slices(addr, buf.len() as u64, Access::Read, &mut slices)?;
         let mut done = 0usize;
@@ -373,6 +406,11 @@ impl DmaSnapshot {
 
     /// Copy `buf` into the DMA space. The whole range is checked before any byte moves.
     pub fn write(&self, addr: u64, buf: &[u8]) -> Result<(), DmaError> {
+        if let Some(one) = self.fast(addr, buf.len() as u64, Access::Write)? {
+            // copy_from marks the pages dirty.
+            one.copy_from(buf);
+            return Ok(());
+        }
         let mut slices = Slices::new();
         self.range_slices(addr, buf.len() as u64, Access::Write, &mut slices)?;
         let mut done = 0usize;
@@ -479,11 +517,7 @@ impl DmaSnapshot {
         if let [r] = sg.ranges()
             && let Some(one) = self.single(r.addr, r.len, Access::Read)?
         {
-            let g = one.ptr_guard();
-            // SAFETY: the pointer and length describe guest memory that `single` checked
-            // as readable, mapped while the snapshot (borrowed by `one`) lives; write only
-            // reads it.
-            return retry_io(|| unsafe { libc::write(fd, g.as_ptr().cast(), g.len()) });
+            return write_fd_one(fd, &one);
         }
         let slices = self.slices(sg, Access::Read)?;
         if slices.len() > IOV_MAX {
@@ -536,23 +570,7 @@ impl DmaSnapshot {
         if let [r] = sg.ranges()
             && let Some(one) = self.single(r.addr, r.len, Access::Write)?
         {
-            let g = one.ptr_guard_mut();
-            let iovs = [
-                libc::iovec {
-                    iov_base: g.as_ptr().cast(),
-                    iov_len: g.len(),
-                },
-                libc::iovec {
-                    iov_base: tail.as_mut_ptr().cast(),
-                    iov_len: tail.len(),
-                },
-            ];
-            // SAFETY: the first iovec describes guest memory that `single` checked as
-            // writable, mapped while the snapshot (borrowed by `one`) lives; the second `tail`,
-            // borrowed mutably for the call; readv writes only inside them.
-            let n = retry_io(|| unsafe { libc::readv(fd, iovs.as_ptr(), 2) })?;
-            one.bitmap().mark_dirty(0, n.min(one.len()));
-            return Ok(n);
+            return read_fd_one(fd, &one, tail);
         }
         let slices = self.slices(sg, Access::Write)?;
         if slices.len() >= IOV_MAX {
@@ -605,8 +623,46 @@ impl DmaSnapshot {
     }
 }
 
+/// [`DmaSnapshot::write_fd`] for one host slice that [`DmaSnapshot::single`] gave for
+/// reading: one `write`.
+#[inline]
+pub(crate) fn write_fd_one(fd: RawFd, one: &VolatileSlice<'_, ()>) -> Result<usize, DmaError> {
+    let g = one.ptr_guard();
+    // SAFETY: the pointer and length describe guest memory that `single` checked as readable,
+    // mapped while the snapshot (borrowed by `one`) lives; write only reads it.
+    retry_io(|| unsafe { libc::write(fd, g.as_ptr().cast(), g.len()) })
+}
+
+/// [`DmaSnapshot::read_fd`] for one host slice that [`DmaSnapshot::single`] gave for writing:
+/// one `readv` into it and then `tail`.
+#[inline]
+pub(crate) fn read_fd_one(
+    fd: RawFd,
+    one: &VolatileSlice<'_, ()>,
+    tail: &mut [u8],
+) -> Result<usize, DmaError> {
+    let g = one.ptr_guard_mut();
+    let iovs = [
+        libc::iovec {
+            iov_base: g.as_ptr().cast(),
+            iov_len: g.len(),
+        },
+        libc::iovec {
+            iov_base: tail.as_mut_ptr().cast(),
+            iov_len: tail.len(),
+        },
+    ];
+    // SAFETY: the first iovec describes guest memory that `single` checked as writable,
+    // mapped while the snapshot (borrowed by `one`) lives; the second `tail`, borrowed mutably
+    // for the call; readv writes only inside them.
+    let n = retry_io(|| unsafe { libc::readv(fd, iovs.as_ptr(), 2) })?;
+    one.bitmap().mark_dirty(0, n.min(one.len()));
+    Ok(n)
+}
+
 /// Run a `read`/`write`-style call until it is not interrupted; a negative result is the
 /// call's error.
+#[inline]
 fn retry_io(mut call: impl FnMut() -> isize) -> Result<usize, DmaError> {
     loop {
         match usize::try_from(call()) {

@@ -390,15 +390,27 @@ impl DmaMemory {
     /// The guest physical address of `addr` and how many of the `len` bytes from there are
     /// contiguous in IOVA and GPA and allowed `access`; a refusal is reported as a fault.
     /// `[addr, addr+len)` must not wrap and `len` must not be 0.
+    #[inline]
     pub(super) fn translate(
         &self,
         addr: u64,
         len: usize,
         access: Permissions,
     ) -> Result<(u64, usize), Refused> {
-        let Some(iommu) = &self.space.iommu else {
-            return Ok((addr, len));
-        };
+        match &self.space.iommu {
+            None => Ok((addr, len)),
+            Some(iommu) => self.translate_in(iommu, addr, len, access),
+        }
+    }
+
+    /// [`DmaMemory::translate`] through `iommu`: the cache, else the domain's table.
+    fn translate_in(
+        &self,
+        iommu: &DmaIommu,
+        addr: u64,
+        len: usize,
+        access: Permissions,
+    ) -> Result<(u64, usize), Refused> {
         self.lookups.set(self.lookups.get() + 1);
         let first = self.last_hit.get();
         for k in 0..WAYS {
@@ -556,6 +568,27 @@ impl DmaMemory {
         Ok(first)
     }
 
+    /// The one host slice behind `[addr, addr+len)`, translated and checked for `access`, when
+    /// one mapping and one memory region hold all of it (nearly every access): a cache hit and
+    /// a region lookup, no lists. `Ok(None)`: not so (empty, wrapping, split, or not memory);
+    /// the caller takes [`DmaMemory::gather`]. `Err`: refused, and reported.
+    #[inline]
+    pub(super) fn one_slice(
+        &self,
+        addr: u64,
+        len: usize,
+        access: Permissions,
+    ) -> Result<Option<VolatileSlice<'_, ()>>, Refused> {
+        if len == 0 || addr.checked_add(len as u64).is_none() {
+            return Ok(None);
+        }
+        let (gpa, n) = self.translate(addr, len, access)?;
+        if n != len {
+            return Ok(None);
+        }
+        Ok(phys_slice(&self.space.phys, gpa, len))
+    }
+
     /// Append the host slices behind `[addr, addr+len)` to `out`, translated and checked for
     /// `access` in one pass; false if any part is refused (reported) or not guest memory, and
     /// then the caller must not use `out`. The path of every copy: per piece a cache hit, a
@@ -607,18 +640,22 @@ impl DmaMemory {
     }
 }
 
+/// The host slice of guest physical `[gpa, gpa+n)` when one memory region holds all of it.
+#[inline]
+fn phys_slice(phys: &PhysMemory, gpa: u64, n: usize) -> Option<VolatileSlice<'_, ()>> {
+    let region = phys.find_region(GuestAddress(gpa))?;
+    let offset = region.to_region_addr(GuestAddress(gpa))?;
+    // get_slice refuses a range that runs past the region's end.
+    region.get_slice(offset, n).ok()
+}
+
 /// Append the host slices of guest physical `[gpa, gpa+n)`; false if it is not all memory.
 #[inline]
 fn push_phys<'a>(phys: &'a PhysMemory, gpa: u64, n: usize, out: &mut Slices<'a>) -> bool {
     // One region holds it (nearly always): no iterator.
-    if let Some(region) = phys.find_region(GuestAddress(gpa)) {
-        if let Some(offset) = region.to_region_addr(GuestAddress(gpa)) {
-            // get_slice refuses a range that runs past the region's end.
-            if let Ok(s) = region.get_slice(offset, n) {
-                out.push(s);
-                return true;
-            }
-        }
+    if let Some(s) = phys_slice(phys, gpa, n) {
+        out.push(s);
+        return true;
     }
     let mut got = 0usize;
     for s in GuestMemoryBackend::get_slices(phys, GuestAddress(gpa), n) {

@@ -42,6 +42,7 @@ use virtio_bindings::bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_queue::Queue;
+use vm_memory::{Bytes, VolatileMemory};
 
 pub use tap::{Tap, TapError};
 
@@ -400,16 +401,33 @@ fn transmit<B: NetBackend>(
     if len < VNET_HDR_LEN + ETH_HLEN {
         return Err(TxDrop::TooShort(len));
     }
+    let tx_fd = backend.tx_fd();
+    // One buffer in one host slice (a linear skb as Linux sends it) to a tap: translated once,
+    // for the header and the write.
+    let one = match (tx_fd, sg.ranges()) {
+        (Some(_), [r]) => dma
+            .single(r.addr, r.len, Access::Read)
+            .map_err(TxDrop::Dma)?,
+        _ => None,
+    };
     let mut hdr = [0u8; VNET_HDR_LEN];
-    dma.read_sg(&sg, &mut hdr).map_err(TxDrop::Dma)?;
+    match one.as_ref().and_then(|one| one.get_ref(0).ok()) {
+        // One volatile read (the slice holds len >= VNET_HDR_LEN bytes, checked above).
+        Some(h) => hdr = h.load(),
+        None => _ = dma.read_sg(&sg, &mut hdr).map_err(TxDrop::Dma)?,
+    }
     if !offload_allowed(&hdr, neg.acked) {
         return Err(TxDrop::Offload {
             flags: hdr[0],
             gso_type: hdr[1],
         });
     }
-    if let Some(fd) = backend.tx_fd() {
-        return match dma.write_fd(fd, &sg) {
+    if let Some(fd) = tx_fd {
+        let sent = match &one {
+            Some(one) => super::dma::write_fd_one(fd, one),
+            None => dma.write_fd(fd, &sg),
+        };
+        return match sent {
             Ok(written) if written == len => Ok(len),
             Ok(written) => Err(TxDrop::Short { written, len }),
             Err(super::DmaError::Io(e)) => Err(TxDrop::Backend(e)),
@@ -638,7 +656,18 @@ impl Rx {
         }
         // capacity <= MAX_FRAME_LEN: header and frame together stay within MAX_FRAME_LEN, as
         // on the copying path.
-        let n = match dma.read_fd(fd, &sg, &mut self.buf[..MAX_FRAME_LEN - capacity]) {
+        let tail = &mut self.buf[..MAX_FRAME_LEN - capacity];
+        // One buffer in one host slice (a receive buffer as Linux posts it): translated once,
+        // for the read and the header.
+        let (one, read) = match sg.ranges() {
+            [r] => match dma.single(r.addr, r.len, Access::Write) {
+                Ok(Some(one)) => (Some(one), super::dma::read_fd_one(fd, &one, tail)),
+                Ok(None) => (None, dma.read_fd(fd, &sg, tail)),
+                Err(e) => (None, Err(e)),
+            },
+            _ => (None, dma.read_fd(fd, &sg, tail)),
+        };
+        let n = match read {
             Ok(n) => n,
             Err(super::DmaError::Io(e)) => {
                 ring.rewind(start);
@@ -687,10 +716,22 @@ impl Rx {
         }
         // The header as the backend wrote it, finished for the guest: num_buffers, and
         // without GUEST_CSUM the flags must be zero (5.1.6.4).
-        let mut finished = write_at(dma, &sg, NUM_BUFFERS_OFFSET as u64, &1u16.to_le_bytes());
-        if !neg.guest_csum {
-            finished = finished.and_then(|()| write_at(dma, &sg, 0, &[0]));
-        }
+        let finished = match &one {
+            // The slice holds the frame, n >= VNET_HDR_LEN bytes.
+            Some(one) => one
+                .write_obj(1u16.to_le(), NUM_BUFFERS_OFFSET)
+                .and_then(|()| match neg.guest_csum {
+                    true => Ok(()),
+                    false => one.write_obj(0u8, 0),
+                })
+                .map_err(|e| e.to_string()),
+            None => write_at(dma, &sg, NUM_BUFFERS_OFFSET as u64, &1u16.to_le_bytes())
+                .and_then(|()| match neg.guest_csum {
+                    true => Ok(()),
+                    false => write_at(dma, &sg, 0, &[0]),
+                })
+                .map_err(|e| e.to_string()),
+        };
         if let Err(e) = finished {
             // Checked writable in this snapshot: cannot happen.
             tracing::debug!(head, "virtio-net: receive header: {e}");
