@@ -318,7 +318,7 @@ impl DmaSnapshot {
     /// once, as for any access): `Some` when it is one host slice, `None` when it is split over
     /// several memory regions or mappings (the caller then takes its general path, which
     /// translates again but cannot be refused).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn single(
         &self,
         addr: u64,
@@ -328,6 +328,17 @@ impl DmaSnapshot {
         if let Some(one) = self.fast(addr, len, access)? {
             return Ok(Some(one));
         }
+        self.single_general(addr, len, access)
+    }
+
+    /// [`DmaSnapshot::single`] for a range `fast` could not place.
+    #[inline(never)]
+    fn single_general(
+        &self,
+        addr: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Option<VolatileSlice<'_, ()>>, DmaError> {
         let mut slices = Slices::new();
         self.range_slices(addr, len, access, &mut slices)?;
         Ok(match slices.as_slice() {
@@ -339,7 +350,7 @@ impl DmaSnapshot {
     /// The one host slice behind `[addr, addr+len)` found without lists (one mapping, one
     /// memory region: nearly every access), checked for `access`; `Ok(None)` when the general
     /// path must tell (it cannot be refused by translation then).
-    #[inline]
+    #[inline(always)]
     fn fast(
         &self,
         addr: u64,

@@ -187,14 +187,19 @@ struct Table<'a> {
 
 impl Table<'_> {
     /// Entry `index`, read once. `None` if it cannot be read.
-    #[inline]
+    #[inline(always)]
     fn read(&self, dma: &DmaSnapshot, index: u16) -> Option<Descriptor> {
         let offset = u64::from(index) * DESC_SIZE;
         match &self.host {
             Host::One(host) => host.read::<Descriptor>(offset as usize),
-            Host::Split => dma.read_obj(self.addr.checked_add(offset)?).ok(),
+            Host::Split => self.read_split(dma, offset),
             Host::Refused => None,
         }
+    }
+
+    #[inline(never)]
+    fn read_split(&self, dma: &DmaSnapshot, offset: u64) -> Option<Descriptor> {
+        dma.read_obj(self.addr.checked_add(offset)?).ok()
     }
 }
 
@@ -263,27 +268,49 @@ impl<'a> Chain<'a> {
 impl Iterator for Chain<'_> {
     type Item = Descriptor;
 
-    #[inline]
+    /// Inlined into the device's loop: per descriptor a bounds check and a load (an indirect
+    /// table is entered out of line).
+    #[inline(always)]
     fn next(&mut self) -> Option<Descriptor> {
-        loop {
-            if self.ttl == 0 || self.next >= self.entries {
-                return None;
-            }
-            let desc = self.table.read(self.dma, self.next)?;
-            if desc.refers_to_indirect_table() {
-                self.enter_indirect(&desc)?;
-                continue;
-            }
-            // A chain over 4 GiB is illegal (2.7.5.2): stop there.
-            self.yielded = self.yielded.checked_add(desc.len())?;
-            if desc.has_next() {
-                self.next = desc.next();
-                self.ttl -= 1;
-            } else {
-                self.ttl = 0;
-            }
-            return Some(desc);
+        if self.ttl == 0 || self.next >= self.entries {
+            return None;
         }
+        let desc = self.table.read(self.dma, self.next)?;
+        if desc.refers_to_indirect_table() {
+            return self.next_indirect(&desc);
+        }
+        self.yield_desc(desc)
+    }
+}
+
+impl Chain<'_> {
+    /// Enter the indirect table `desc` points at and yield its first descriptor.
+    #[inline(never)]
+    fn next_indirect(&mut self, desc: &Descriptor) -> Option<Descriptor> {
+        self.enter_indirect(desc)?;
+        if self.entries == 0 {
+            return None;
+        }
+        let desc = self.table.read(self.dma, self.next)?;
+        // A second level of indirection is refused by enter_indirect.
+        if desc.refers_to_indirect_table() {
+            self.enter_indirect(&desc)?;
+        }
+        self.yield_desc(desc)
+    }
+
+    /// Account for `desc` and move to the next one.
+    #[inline(always)]
+    fn yield_desc(&mut self, desc: Descriptor) -> Option<Descriptor> {
+        // A chain over 4 GiB is illegal (2.7.5.2): stop there.
+        self.yielded = self.yielded.checked_add(desc.len())?;
+        if desc.has_next() {
+            self.next = desc.next();
+            self.ttl -= 1;
+        } else {
+            self.ttl = 0;
+        }
+        Some(desc)
     }
 }
 
@@ -300,6 +327,8 @@ pub struct Ring<'a, 'q> {
     avail_host: Host<'a>,
     used: u64,
     used_host: Host<'a>,
+    /// The driver's available index as last read.
+    avail_seen: Option<u16>,
 }
 
 impl<'a, 'q> Ring<'a, 'q> {
@@ -320,6 +349,7 @@ impl<'a, 'q> Ring<'a, 'q> {
             size,
             queue,
             dma,
+            avail_seen: None,
         }
     }
 
@@ -346,7 +376,7 @@ impl<'a, 'q> Ring<'a, 'q> {
     }
 
     /// The driver's available index (acquire: entries it published before are visible).
-    #[inline]
+    #[inline(always)]
     fn avail_idx(&self) -> Result<u16, QueueError> {
         let v = match &self.avail_host {
             Host::One(h) => h.index(2).map(|i| i.load(Ordering::Acquire)),
@@ -363,9 +393,19 @@ impl<'a, 'q> Ring<'a, 'q> {
     }
 
     /// Chains made available and not yet popped, checked against the queue size.
-    #[inline]
-    pub fn pending(&self) -> Result<u16, QueueError> {
+    #[inline(always)]
+    pub fn pending(&mut self) -> Result<u16, QueueError> {
+        let next = self.queue.next_avail();
+        // Chains seen available at the last look and not popped yet: no need to read the
+        // driver's index (a cache line it keeps writing) again until they are used up.
+        if let Some(seen) = self.avail_seen {
+            let known = seen.wrapping_sub(next);
+            if known != 0 && known <= self.size {
+                return Ok(known);
+            }
+        }
         let avail = self.avail_idx()?;
+        self.avail_seen = Some(avail);
         let pending = avail.wrapping_sub(self.queue.next_avail());
         if pending > self.size {
             return Err(QueueError::TooManyAvailable {
@@ -378,7 +418,7 @@ impl<'a, 'q> Ring<'a, 'q> {
 
     /// Take the next available chain (the caller checked [`Ring::pending`]). Its head index
     /// is read once and checked against the queue size.
-    #[inline]
+    #[inline(always)]
     pub fn pop(&mut self) -> Result<Chain<'a>, QueueError> {
         let index = self.queue.next_avail();
         let offset = RING_ENTRIES + u64::from(index & self.mask()) * AVAIL_ELEM;
@@ -404,7 +444,7 @@ impl<'a, 'q> Ring<'a, 'q> {
 
     /// Return chain `head` to the driver with `len` bytes written: the used element, then the
     /// used index (release: the element and the buffers' contents are visible first).
-    #[inline]
+    #[inline(always)]
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
         let next = self.queue.next_used();
         let offset = RING_ENTRIES + u64::from(next & self.mask()) * USED_ELEM;

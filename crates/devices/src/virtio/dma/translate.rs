@@ -26,7 +26,7 @@ use vm_memory::bitmap::MS;
 use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
 use vm_memory::{
     GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
-    GuestMemoryResult, Permissions, VolatileSlice,
+    GuestMemoryResult, MemoryRegionAddress, Permissions, VolatileSlice,
 };
 
 use super::{DmaError, DmaFault, FaultKind, FaultReporter, PhysMemory, Slices, range_len};
@@ -348,6 +348,17 @@ pub struct DmaMemory {
     lookups: Cell<u64>,
     cached: Cell<u64>,
     refused: Cell<u64>,
+    /// The guest memory region the last access fell in.
+    region: Cell<Option<HostRegion>>,
+}
+
+/// A guest memory region as [`DmaMemory::phys_slice`] keeps it: where it starts in guest
+/// physical memory, its length, and its host address.
+#[derive(Clone, Copy)]
+struct HostRegion {
+    start: u64,
+    len: u64,
+    host: *mut u8,
 }
 
 impl fmt::Debug for DmaMemory {
@@ -374,6 +385,7 @@ impl DmaMemory {
             lookups: Cell::new(0),
             cached: Cell::new(0),
             refused: Cell::new(0),
+            region: Cell::new(None),
         }
     }
 
@@ -390,7 +402,7 @@ impl DmaMemory {
     /// The guest physical address of `addr` and how many of the `len` bytes from there are
     /// contiguous in IOVA and GPA and allowed `access`; a refusal is reported as a fault.
     /// `[addr, addr+len)` must not wrap and `len` must not be 0.
-    #[inline]
+    #[inline(always)]
     pub(super) fn translate(
         &self,
         addr: u64,
@@ -572,7 +584,7 @@ impl DmaMemory {
     /// one mapping and one memory region hold all of it (nearly every access): a cache hit and
     /// a region lookup, no lists. `Ok(None)`: not so (empty, wrapping, split, or not memory);
     /// the caller takes [`DmaMemory::gather`]. `Err`: refused, and reported.
-    #[inline]
+    #[inline(always)]
     pub(super) fn one_slice(
         &self,
         addr: u64,
@@ -586,7 +598,36 @@ impl DmaMemory {
         if n != len {
             return Ok(None);
         }
-        Ok(phys_slice(&self.space.phys, gpa, len))
+        Ok(self.phys_slice(gpa, len))
+    }
+
+    /// The host slice of guest physical `[gpa, gpa+n)` when one memory region holds all of it.
+    /// The region found last is kept: the accesses of a batch nearly all fall in one, and
+    /// reaching it through the memory object's region list costs several dependent loads.
+    #[inline(always)]
+    fn phys_slice(&self, gpa: u64, n: usize) -> Option<VolatileSlice<'_, ()>> {
+        let r = match self.region.get() {
+            Some(r) if gpa >= r.start && gpa - r.start < r.len => r,
+            _ => {
+                let region = self.space.phys.find_region(GuestAddress(gpa))?;
+                let r = HostRegion {
+                    start: region.start_addr().0,
+                    len: region.len(),
+                    host: region.get_host_address(MemoryRegionAddress(0)).ok()?,
+                };
+                self.region.set(Some(r));
+                r
+            }
+        };
+        let offset = gpa - r.start;
+        if n as u64 > r.len - offset {
+            // Runs past the region's end: the general path splits it.
+            return None;
+        }
+        // SAFETY: `[offset, offset+n)` lies inside the region (checked above), whose mapping
+        // lives as long as `self.space` holds the memory object, so for the slice's lifetime;
+        // the memory has no dirty bitmap (`PhysMemory` is `GuestMemoryMmap<()>`).
+        Some(unsafe { VolatileSlice::new(r.host.add(offset as usize), n) })
     }
 
     /// Append the host slices behind `[addr, addr+len)` to `out`, translated and checked for
@@ -640,22 +681,18 @@ impl DmaMemory {
     }
 }
 
-/// The host slice of guest physical `[gpa, gpa+n)` when one memory region holds all of it.
-#[inline]
-fn phys_slice(phys: &PhysMemory, gpa: u64, n: usize) -> Option<VolatileSlice<'_, ()>> {
-    let region = phys.find_region(GuestAddress(gpa))?;
-    let offset = region.to_region_addr(GuestAddress(gpa))?;
-    // get_slice refuses a range that runs past the region's end.
-    region.get_slice(offset, n).ok()
-}
-
 /// Append the host slices of guest physical `[gpa, gpa+n)`; false if it is not all memory.
 #[inline]
 fn push_phys<'a>(phys: &'a PhysMemory, gpa: u64, n: usize, out: &mut Slices<'a>) -> bool {
     // One region holds it (nearly always): no iterator.
-    if let Some(s) = phys_slice(phys, gpa, n) {
-        out.push(s);
-        return true;
+    if let Some(region) = phys.find_region(GuestAddress(gpa)) {
+        if let Some(offset) = region.to_region_addr(GuestAddress(gpa)) {
+            // get_slice refuses a range that runs past the region's end.
+            if let Ok(s) = region.get_slice(offset, n) {
+                out.push(s);
+                return true;
+            }
+        }
     }
     let mut got = 0usize;
     for s in GuestMemoryBackend::get_slices(phys, GuestAddress(gpa), n) {

@@ -42,7 +42,7 @@ use virtio_bindings::bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, VolatileMemory};
+use vm_memory::VolatileMemory;
 
 pub use tap::{Tap, TapError};
 
@@ -626,6 +626,7 @@ impl Rx {
     /// does not fit is put together in `self.buf` (its front copied back from the chain, which
     /// goes back to the available ring) for [`Rx::deliver`] to spread over several chains, or
     /// dropped without MRG_RXBUF, as on the copying path.
+    #[inline]
     fn receive_direct(
         &mut self,
         ring: &mut Ring<'_, '_>,
@@ -650,22 +651,18 @@ impl Rx {
                 return Ok(Direct::Done);
             }
         };
-        let mut sg = SgList::new();
-        for r in &self.ranges {
-            sg.push(r.addr, r.len);
-        }
         // capacity <= MAX_FRAME_LEN: header and frame together stay within MAX_FRAME_LEN, as
         // on the copying path.
         let tail = &mut self.buf[..MAX_FRAME_LEN - capacity];
         // One buffer in one host slice (a receive buffer as Linux posts it): translated once,
         // for the read and the header.
-        let (one, read) = match sg.ranges() {
+        let (one, read) = match self.ranges.as_slice() {
             [r] => match dma.single(r.addr, r.len, Access::Write) {
                 Ok(Some(one)) => (Some(one), super::dma::read_fd_one(fd, &one, tail)),
-                Ok(None) => (None, dma.read_fd(fd, &sg, tail)),
+                Ok(None) => (None, dma.read_fd(fd, &sg_of(&self.ranges), tail)),
                 Err(e) => (None, Err(e)),
             },
-            _ => (None, dma.read_fd(fd, &sg, tail)),
+            _ => (None, dma.read_fd(fd, &sg_of(&self.ranges), tail)),
         };
         let n = match read {
             Ok(n) => n,
@@ -702,7 +699,7 @@ impl Rx {
             }
             // The tail is at the front of buf: move it behind the front, which the chain holds.
             self.buf.copy_within(..n - capacity, capacity);
-            if let Err(e) = dma.read_sg(&sg, &mut self.buf[..capacity]) {
+            if let Err(e) = dma.read_sg(&sg_of(&self.ranges), &mut self.buf[..capacity]) {
                 // Checked writable in this snapshot, hence readable: cannot happen.
                 tracing::debug!(head, "virtio-net: receive buffer read back failed: {e}");
             }
@@ -718,19 +715,24 @@ impl Rx {
         // without GUEST_CSUM the flags must be zero (5.1.6.4).
         let finished = match &one {
             // The slice holds the frame, n >= VNET_HDR_LEN bytes.
+            // One volatile store each (write_obj would go through a byte-copy loop).
             Some(one) => one
-                .write_obj(1u16.to_le(), NUM_BUFFERS_OFFSET)
+                .get_ref::<u16>(NUM_BUFFERS_OFFSET)
+                .map(|r| r.store(1u16.to_le()))
                 .and_then(|()| match neg.guest_csum {
                     true => Ok(()),
-                    false => one.write_obj(0u8, 0),
+                    false => one.get_ref::<u8>(0).map(|r| r.store(0)),
                 })
                 .map_err(|e| e.to_string()),
-            None => write_at(dma, &sg, NUM_BUFFERS_OFFSET as u64, &1u16.to_le_bytes())
-                .and_then(|()| match neg.guest_csum {
-                    true => Ok(()),
-                    false => write_at(dma, &sg, 0, &[0]),
-                })
-                .map_err(|e| e.to_string()),
+            None => {
+                let sg = sg_of(&self.ranges);
+                write_at(dma, &sg, NUM_BUFFERS_OFFSET as u64, &1u16.to_le_bytes())
+                    .and_then(|()| match neg.guest_csum {
+                        true => Ok(()),
+                        false => write_at(dma, &sg, 0, &[0]),
+                    })
+                    .map_err(|e| e.to_string())
+            }
         };
         if let Err(e) = finished {
             // Checked writable in this snapshot: cannot happen.
@@ -840,6 +842,7 @@ impl Rx {
 /// Whether the driver has made a chain available. When it has not, ask it to notify the device
 /// when it does (with EVENT_IDX: at the next buffer), then look once more, since it may have
 /// added one before it could see the request.
+#[inline]
 fn buffers_available(ring: &mut Ring<'_, '_>) -> Result<bool, QueueError> {
     if ring.pending()? > 0 {
         return Ok(true);
@@ -849,6 +852,16 @@ fn buffers_available(ring: &mut Ring<'_, '_>) -> Result<bool, QueueError> {
         return Ok(true);
     }
     Ok(false)
+}
+
+/// The buffers of a receive chain as a list (for the paths that take one: a chain of several
+/// buffers, or a frame longer than the chain).
+fn sg_of(ranges: &[DmaRange]) -> SgList {
+    let mut sg = SgList::new();
+    for r in ranges {
+        sg.push(r.addr, r.len);
+    }
+    sg
 }
 
 /// Write `bytes` at `offset` into the buffers of `sg` (the header of a frame received in
@@ -880,6 +893,7 @@ fn write_at(
 
 /// Check a receive chain (device-writable buffers only; with `dma`, every one reachable) and
 /// append its buffers to `ranges`. Returns its capacity, counted up to [`MAX_FRAME_LEN`].
+#[inline]
 fn parse_rx_chain(
     chain: Chain<'_>,
     dma: Option<&DmaSnapshot>,
