@@ -54,6 +54,9 @@ struct Wire {
     interrupted: bool,
     fail_reads: bool,
     fail_offload: bool,
+    /// What the backend claims as its longest frame (`rx_frame_bound`); frames may be longer,
+    /// as after an MTU change.
+    bound: Option<usize>,
 }
 
 /// The in-memory backend; with `direct`, also a datagram socket offered as `rx_fd` (as a tap
@@ -113,6 +116,10 @@ impl NetBackend for FakeBackend {
 
     fn rx_fd(&self) -> Option<RawFd> {
         self.1.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    fn rx_frame_bound(&mut self) -> usize {
+        lock(&self.0).bound.unwrap_or(MAX_FRAME_LEN)
     }
 }
 
@@ -427,6 +434,7 @@ fn run(data: &[u8]) -> (usize, usize) {
     };
     let wire = Arc::new(Mutex::new(Wire {
         fail_offload: opts & 32 != 0,
+        bound: (opts & 128 != 0).then(|| 26 + usize::from(input.u8()) * 8),
         ..Default::default()
     }));
     let (own, direct) = if opts & 64 != 0 {

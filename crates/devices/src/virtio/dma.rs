@@ -645,7 +645,8 @@ pub(crate) fn write_fd_one(fd: RawFd, one: &VolatileSlice<'_, ()>) -> Result<usi
 }
 
 /// [`DmaSnapshot::read_fd`] for one host slice that [`DmaSnapshot::single`] gave for writing:
-/// one `readv` into it and then `tail`.
+/// one `readv` into it and then `tail`, or a plain `read` when `tail` is empty (the kernel's
+/// `readv` path costs ~35 ns more on a tap).
 #[inline]
 pub(crate) fn read_fd_one(
     fd: RawFd,
@@ -653,6 +654,14 @@ pub(crate) fn read_fd_one(
     tail: &mut [u8],
 ) -> Result<usize, DmaError> {
     let g = one.ptr_guard_mut();
+    if tail.is_empty() {
+        // SAFETY: the pointer and length describe guest memory that `single` checked as
+        // writable, mapped while the snapshot (borrowed by `one`) lives; read writes only
+        // inside it.
+        let n = retry_io(|| unsafe { libc::read(fd, g.as_ptr().cast(), g.len()) })?;
+        one.bitmap().mark_dirty(0, n.min(one.len()));
+        return Ok(n);
+    }
     let iovs = [
         libc::iovec {
             iov_base: g.as_ptr().cast(),

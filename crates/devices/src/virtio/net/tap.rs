@@ -6,13 +6,17 @@
 //! written starts with exactly the header the guest driver uses: the device passes it through
 //! and the kernel does checksum and segmentation work on either side.
 
+use std::cell::Cell;
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::{NetBackend, VNET_HDR_LEN};
+use super::{ETH_HLEN, MAX_FRAME_LEN, NetBackend, VNET_HDR_LEN};
+
+/// An 802.1Q tag.
+const VLAN_HLEN: usize = 4;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
@@ -44,6 +48,8 @@ pub enum TapError {
 pub struct Tap {
     file: File,
     name: String,
+    /// The `TUN_F_*` offloads last set.
+    offload: Cell<libc::c_uint>,
 }
 
 /// `struct ifreq` with the interface name and flags, the part TUNSETIFF uses.
@@ -97,7 +103,11 @@ impl Tap {
         let chosen = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }
             .to_string_lossy()
             .into_owned();
-        let tap = Self { file, name: chosen };
+        let tap = Self {
+            file,
+            name: chosen,
+            offload: Cell::new(0),
+        };
         const _: () = assert!(VNET_HDR_LEN == 12);
         let hdr_len: libc::c_int = 12;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid for the call.
@@ -135,7 +145,30 @@ impl Tap {
         if rc < 0 {
             return Err(self.ioctl_error("TUNSETOFFLOAD"));
         }
+        self.offload.set(flags);
         Ok(())
+    }
+
+    /// The tap's MTU (`SIOCGIFMTU`, asked through a socket in this process's network
+    /// namespace: fails if the tap was moved out of it).
+    pub fn mtu(&self) -> io::Result<usize> {
+        let mut req = ifreq(&self.name, 0).map_err(io::Error::other)?;
+        // SAFETY: plain socket(2); the result is checked and owned below.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a socket just opened and owned by nothing else.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: SIOCGIFMTU reads the name from and writes the MTU into `req`, which lives
+        // for the call.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: SIOCGIFMTU filled the union's MTU member.
+        let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+        usize::try_from(mtu).map_err(|_| io::Error::other(format!("MTU {mtu}")))
     }
 }
 
@@ -173,6 +206,23 @@ impl NetBackend for Tap {
     fn rx_fd(&self) -> Option<RawFd> {
         // A tap gives one frame per read(v), cut to the buffers' length.
         Some(self.fd())
+    }
+
+    /// Without segmentation offloads the kernel gives the tap no frame longer than its MTU
+    /// with an Ethernet header and two VLAN tags (one in the frame, one it may insert).
+    fn rx_frame_bound(&mut self) -> usize {
+        if self.offload.get() & !libc::TUN_F_CSUM != 0 {
+            return MAX_FRAME_LEN;
+        }
+        match self.mtu() {
+            Ok(mtu) => mtu
+                .saturating_add(VNET_HDR_LEN + ETH_HLEN + 2 * VLAN_HLEN)
+                .min(MAX_FRAME_LEN),
+            Err(e) => {
+                tracing::debug!(tap = %self.name, "tap MTU unknown, no bound on frames: {e}");
+                MAX_FRAME_LEN
+            }
+        }
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {

@@ -147,11 +147,16 @@ struct SockBackend {
     offload: Arc<AtomicU32>,
     /// Offer the socket as `rx_fd`, as a tap does: the device receives into guest buffers.
     direct: bool,
+    /// What `rx_frame_bound` answers (a tap: its MTU and headers), and how often it was asked.
+    bound: Arc<AtomicUsize>,
+    bound_asked: Arc<AtomicUsize>,
 }
 
 thread_local! {
     /// Backends made on this thread (one test) offer `rx_fd`.
     static DIRECT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The frame bound backends made on this thread start with.
+    static BOUND: std::cell::Cell<usize> = const { std::cell::Cell::new(MAX_FRAME_LEN) };
 }
 
 /// Run a receive test with backends that the device reads straight into guest buffers (as a
@@ -186,6 +191,11 @@ impl NetBackend for SockBackend {
     fn rx_fd(&self) -> Option<RawFd> {
         self.direct.then(|| self.sock.as_raw_fd())
     }
+
+    fn rx_frame_bound(&mut self) -> usize {
+        self.bound_asked.fetch_add(1, Ordering::SeqCst);
+        self.bound.load(Ordering::SeqCst)
+    }
 }
 
 struct Setup<'a> {
@@ -216,6 +226,8 @@ fn device() -> (
         reads: reads.clone(),
         offload: offload.clone(),
         direct: DIRECT.get(),
+        bound: Arc::new(AtomicUsize::new(BOUND.get())),
+        bound_asked: Arc::new(AtomicUsize::new(0)),
     };
     let cfg = NetConfig {
         mac: Some(MAC),
@@ -354,6 +366,8 @@ fn config_space_and_features() {
             reads: Arc::default(),
             offload: Arc::default(),
             direct: false,
+            bound: Arc::new(AtomicUsize::new(MAX_FRAME_LEN)),
+            bound_asked: Arc::default(),
         },
         NetConfig::default(),
     );
@@ -544,6 +558,79 @@ fn mergeable_buffers_spread_a_frame_over_chains() {
     s.dev.process_backend();
     assert_eq!(s.rx.used(3), (heads[3], 72));
     assert_eq!(s.rx.read(BUF + 0x4000 + 10, 2), [1, 0]);
+}
+
+/// Frames `lens` long (each with its header) sent to a direct device with MRG_RXBUF whose
+/// backend bounds frames at `bound`, four 1 KiB chains posted; the device is run once.
+fn bounded_receive<'m>(mem: &'m PhysMemory, bound: usize, lens: &[usize]) -> (Setup<'m>, Vec<u16>) {
+    DIRECT.set(true);
+    BOUND.set(bound);
+    let mut s = Setup::with_mrg(mem, true);
+    let heads = (0..4)
+        .map(|i| s.rx.add(&[Desc::w(BUF + i * 0x1000, 1024)]))
+        .collect();
+    for (i, &len) in lens.iter().enumerate() {
+        let f = with_hdr(hdr(0, 0), &frame(len - VNET_HDR_LEN, i as u8));
+        s.peer.send(&f).unwrap();
+    }
+    (s, heads)
+}
+
+/// A chain longer than the backend's bound (a tap's MTU) is read with a plain read. A frame
+/// that comes back longer (the MTU was raised) is cut short: dropped, counted, and the bound
+/// asked again, so that the next one is spread over chains.
+#[test]
+fn direct_receive_trusts_the_backends_frame_bound_until_a_frame_exceeds_it() {
+    let mem = test_memory();
+    let (mut s, heads) = bounded_receive(&mem, 600, &[512]);
+    assert_eq!(
+        s.dev.backend().bound_asked.load(Ordering::SeqCst),
+        1,
+        "asked at activation"
+    );
+    s.dev.process_backend();
+    assert_eq!(s.rx.used_idx(), 1);
+    assert_eq!(s.rx.used(0), (heads[0], 512));
+    let mut want = with_hdr(hdr(0, 0), &frame(500, 0));
+    want[10] = 1; // num_buffers
+    assert_eq!(s.rx.read(BUF, 512), want);
+
+    // The MTU goes up: the next frame is longer than a chain.
+    s.dev.backend().bound.store(2000, Ordering::SeqCst);
+    for seed in [1, 2] {
+        let f = with_hdr(hdr(0, 0), &frame(1500, seed));
+        s.peer.send(&f).unwrap();
+    }
+    s.dev.process_backend();
+    assert_eq!(s.dev.stats().rx_dropped, 1, "the frame cut short");
+    assert_eq!(s.dev.backend().bound_asked.load(Ordering::SeqCst), 2);
+    // The second one goes over chains 1 and 2 (a readv with room behind the chain).
+    assert_eq!(s.rx.used_idx(), 3);
+    assert_eq!(s.rx.used(1), (heads[1], 1024));
+    assert_eq!(s.rx.used(2), (heads[2], 1512 - 1024));
+    let mut got = s.rx.read(BUF + 0x1000, 1024);
+    got.extend(s.rx.read(BUF + 0x2000, 1512 - 1024));
+    let mut want = with_hdr(hdr(0, 0), &frame(1500, 2));
+    want[10] = 2;
+    assert_eq!(got, want);
+}
+
+/// A backend whose bound a frame exceeds without the bound changing is not trusted again:
+/// every later frame has room behind its chain.
+#[test]
+fn direct_receive_stops_trusting_a_wrong_frame_bound() {
+    let mem = test_memory();
+    let (mut s, heads) = bounded_receive(&mem, 600, &[1500, 1500]);
+    s.dev.process_backend();
+    assert_eq!(s.dev.stats().rx_dropped, 1);
+    assert_eq!(s.rx.used_idx(), 2);
+    assert_eq!(s.rx.used(0), (heads[0], 1024));
+    assert_eq!(s.rx.used(1), (heads[1], 1500 - 1024));
+    // Small frames still arrive whole.
+    s.peer.send(&with_hdr(hdr(0, 0), &frame(100, 9))).unwrap();
+    s.dev.process_backend();
+    assert_eq!(s.rx.used(2), (heads[2], 112));
+    assert_eq!(s.dev.stats().rx_frames, 2);
 }
 
 #[test]
@@ -1105,6 +1192,82 @@ mod real_tap {
                 assert_eq!(&got[12..], &back);
                 assert_eq!(&got[10..12], &[1, 0], "num_buffers");
                 assert!(!irq.needs_reset());
+            })
+            .join()
+            .unwrap();
+        });
+        drop(ns);
+    }
+
+    /// Without offloads the device trusts the tap's MTU and reads with a plain `read`; when
+    /// the MTU goes up, the first longer frame is lost (counted), and the next spreads over
+    /// two chains.
+    #[test]
+    fn a_raised_tap_mtu_costs_one_frame() {
+        if !can_run() {
+            return;
+        }
+        let ns = Netns::new("mtu").expect("ip netns add");
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                ns.enter();
+                let mut tap = Tap::open("mftap2").expect("open tap");
+                ns.ip(&["link", "set", "mftap2", "up"]);
+                // MTU 1500 + Ethernet header, two VLAN tags and the vnet header.
+                assert_eq!(tap.rx_frame_bound(), 1500 + 14 + 8 + 12);
+                let pkt = Packet::bind("mftap2");
+                let mem = test_memory();
+                let mut dev = Net::new(tap, NetConfig::default());
+                let mut rx = Ring::new(&mem, RX_RING, QUEUE_SIZE);
+                let tx = Ring::new(&mem, TX_RING, QUEUE_SIZE);
+                dev.ack_features(features::VERSION_1 | bit(VIRTIO_NET_F_MRG_RXBUF));
+                dev.activate(
+                    vec![rx.queue(), tx.queue()],
+                    Arc::new(RecordingInterrupt::default()),
+                    DmaSpace::identity(mem.clone()),
+                )
+                .unwrap();
+                for i in 0..16 {
+                    rx.add(&[Desc::w(BUF + 0x1000 * (i + 1), 2048)]);
+                }
+                // Our frames as the guest got them (header first), chains put back together.
+                let mut seen = 0;
+                let mut ours = |dev: &mut Net<Tap>, want: usize| {
+                    let mut got = Vec::new();
+                    for _ in 0..50 {
+                        if got.len() == want || !wait_readable(dev.backend_fd()) {
+                            break;
+                        }
+                        dev.process_backend();
+                        while seen < rx.used_idx() {
+                            let (head, len) = rx.used(seen);
+                            let addr = BUF + 0x1000 * (u64::from(head) + 1);
+                            let mut f = rx.read(addr, len as usize);
+                            let extra = u16::from_le_bytes([f[10], f[11]]) - 1;
+                            for _ in 0..extra {
+                                seen += 1;
+                                let (head, len) = rx.used(seen);
+                                let addr = BUF + 0x1000 * (u64::from(head) + 1);
+                                f.extend(rx.read(addr, len as usize));
+                            }
+                            seen += 1;
+                            if f.len() >= 26 && f[24..26] == [0x88, 0xb5] {
+                                got.push(f[12..].to_vec());
+                            }
+                        }
+                    }
+                    got
+                };
+                let small = frame(300, 1);
+                pkt.send(&small);
+                assert_eq!(ours(&mut dev, 1), vec![small]);
+
+                ns.ip(&["link", "set", "mftap2", "mtu", "4000"]);
+                let (lost, big) = (frame(3000, 2), frame(3000, 3));
+                pkt.send(&lost);
+                pkt.send(&big);
+                assert_eq!(ours(&mut dev, 1), vec![big]);
+                assert_eq!(dev.stats().rx_dropped, 1, "{:?}", dev.stats());
             })
             .join()
             .unwrap();
