@@ -636,7 +636,7 @@ impl DmaSnapshot {
 
 /// [`DmaSnapshot::write_fd`] for one host slice that [`DmaSnapshot::single`] gave for
 /// reading: one `write`.
-#[inline]
+#[inline(always)]
 pub(crate) fn write_fd_one(fd: RawFd, one: &VolatileSlice<'_, ()>) -> Result<usize, DmaError> {
     let g = one.ptr_guard();
     // SAFETY: the pointer and length describe guest memory that `single` checked as readable,
@@ -682,7 +682,7 @@ pub(crate) fn read_fd_one(
 
 /// Run a `read`/`write`-style call until it is not interrupted; a negative result is the
 /// call's error.
-#[inline]
+#[inline(always)]
 fn retry_io(mut call: impl FnMut() -> isize) -> Result<usize, DmaError> {
     loop {
         match usize::try_from(call()) {

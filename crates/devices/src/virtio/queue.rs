@@ -329,6 +329,16 @@ pub struct Ring<'a, 'q> {
     used_host: Host<'a>,
     /// The driver's available index as last read.
     avail_seen: Option<u16>,
+    /// The queue's positions, kept here while the batch runs (on the stack, likelier in the
+    /// cache than the queue after a system call) and written back by [`Ring::sync`] and on drop.
+    next_avail: u16,
+    next_used: u16,
+}
+
+impl Drop for Ring<'_, '_> {
+    fn drop(&mut self) {
+        self.sync();
+    }
 }
 
 impl<'a, 'q> Ring<'a, 'q> {
@@ -337,6 +347,7 @@ impl<'a, 'q> Ring<'a, 'q> {
         let n = u64::from(size);
         let desc = queue.desc_table();
         let (avail, used) = (queue.avail_ring(), queue.used_ring());
+        let (next_avail, next_used) = (queue.next_avail(), queue.next_used());
         Self {
             desc: Table {
                 addr: desc,
@@ -350,11 +361,19 @@ impl<'a, 'q> Ring<'a, 'q> {
             queue,
             dma,
             avail_seen: None,
+            next_avail,
+            next_used,
         }
     }
 
     pub fn size(&self) -> u16 {
         self.size
+    }
+
+    /// Write the positions back to the queue.
+    fn sync(&mut self) {
+        self.queue.set_next_avail(self.next_avail);
+        self.queue.set_next_used(self.next_used);
     }
 
     /// `index & mask` is `index % size`: virtio-queue only takes sizes that are powers of two
@@ -366,13 +385,13 @@ impl<'a, 'q> Ring<'a, 'q> {
 
     #[inline]
     pub fn next_avail(&self) -> u16 {
-        self.queue.next_avail()
+        self.next_avail
     }
 
     /// Move the available position back to `index` (chains popped since then are served
     /// again later).
     pub fn rewind(&mut self, index: u16) {
-        self.queue.set_next_avail(index);
+        self.next_avail = index;
     }
 
     /// The driver's available index (acquire: entries it published before are visible).
@@ -395,7 +414,7 @@ impl<'a, 'q> Ring<'a, 'q> {
     /// Chains made available and not yet popped, checked against the queue size.
     #[inline(always)]
     pub fn pending(&mut self) -> Result<u16, QueueError> {
-        let next = self.queue.next_avail();
+        let next = self.next_avail;
         // Chains seen available at the last look and not popped yet: no need to read the
         // driver's index (a cache line it keeps writing) again until they are used up.
         if let Some(seen) = self.avail_seen {
@@ -406,7 +425,7 @@ impl<'a, 'q> Ring<'a, 'q> {
         }
         let avail = self.avail_idx()?;
         self.avail_seen = Some(avail);
-        let pending = avail.wrapping_sub(self.queue.next_avail());
+        let pending = avail.wrapping_sub(self.next_avail);
         if pending > self.size {
             return Err(QueueError::TooManyAvailable {
                 pending,
@@ -420,7 +439,7 @@ impl<'a, 'q> Ring<'a, 'q> {
     /// is read once and checked against the queue size.
     #[inline(always)]
     pub fn pop(&mut self) -> Result<Chain<'a>, QueueError> {
-        let index = self.queue.next_avail();
+        let index = self.next_avail;
         let offset = RING_ENTRIES + u64::from(index & self.mask()) * AVAIL_ELEM;
         let head = match &self.avail_host {
             Host::One(h) => h.read::<u16>(offset as usize),
@@ -438,7 +457,7 @@ impl<'a, 'q> Ring<'a, 'q> {
                 size: self.size,
             });
         }
-        self.queue.set_next_avail(index.wrapping_add(1));
+        self.next_avail = index.wrapping_add(1);
         Ok(Chain::new(self.dma, self.desc, self.size, head))
     }
 
@@ -446,7 +465,7 @@ impl<'a, 'q> Ring<'a, 'q> {
     /// used index (release: the element and the buffers' contents are visible first).
     #[inline(always)]
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
-        let next = self.queue.next_used();
+        let next = self.next_used;
         let offset = RING_ENTRIES + u64::from(next & self.mask()) * USED_ELEM;
         // virtq_used_elem: le32 id, le32 len.
         let (head_le, len_le) = (u32::from(head).to_le(), len.to_le());
@@ -474,13 +493,15 @@ impl<'a, 'q> Ring<'a, 'q> {
         if !ok {
             return Err(QueueError::RingAccess("used"));
         }
-        self.queue.set_next_used(new);
+        self.next_used = new;
         Ok(())
     }
 
     /// Ask the driver to notify when it makes chains available; returns whether some arrived
     /// meanwhile (look again before sleeping).
     pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
+        // virtio-queue publishes the avail event from the queue's position.
+        self.sync();
         self.queue
             .enable_notification(self.dma.memory())
             .map_err(QueueError::Ring)
@@ -489,6 +510,7 @@ impl<'a, 'q> Ring<'a, 'q> {
     /// Ask the driver not to notify (without EVENT_IDX; with it, notifications stay off until
     /// re-enabled anyway).
     pub fn disable_notification(&mut self) -> Result<(), QueueError> {
+        self.sync();
         self.queue
             .disable_notification(self.dma.memory())
             .map_err(QueueError::Ring)

@@ -135,6 +135,19 @@ pub struct NetStats {
     pub rx_bad_chains: u64,
 }
 
+impl NetStats {
+    /// Add a batch's counts.
+    fn add(&mut self, b: &NetStats) {
+        self.tx_frames += b.tx_frames;
+        self.tx_bytes += b.tx_bytes;
+        self.tx_dropped += b.tx_dropped;
+        self.rx_frames += b.rx_frames;
+        self.rx_bytes += b.rx_bytes;
+        self.rx_dropped += b.rx_dropped;
+        self.rx_bad_chains += b.rx_bad_chains;
+    }
+}
+
 /// The guest's feature choices that frame handling depends on.
 #[derive(Clone, Copy, Debug)]
 struct Negotiated {
@@ -288,11 +301,14 @@ impl<B: NetBackend> Net<B> {
         } = self;
         // The receive queue is not served chain by chain (a frame may take several chains, or
         // wait for them), so it is served here rather than through VirtioCommon::process_queue.
+        // Counted on the stack and added once, as for transmit.
+        let mut batch = NetStats::default();
         common.serve(RX_QUEUE, |queue, snapshot| {
             let mut used = false;
-            rx.run(queue, snapshot, backend, neg, stats, &mut used)?;
+            rx.run(queue, snapshot, backend, neg, &mut batch, &mut used)?;
             Ok(used)
         });
+        stats.add(&batch);
     }
 
     fn process_tx(&mut self) {
@@ -306,20 +322,24 @@ impl<B: NetBackend> Net<B> {
         // Taken only if a frame has to be gathered (not on a tap, which writes from guest
         // memory); given back after the queue.
         let mut tx_buf = Vec::new();
+        // Counted on the stack and added once: the device's own cache lines are often evicted
+        // by the tap write's work in the kernel.
+        let mut batch = NetStats::default();
         common.process_queue(TX_QUEUE, |dma, chain| {
             match transmit(dma, chain, &mut tx_buf, backend, neg) {
                 Ok(len) => {
-                    stats.tx_frames += 1;
-                    stats.tx_bytes += len as u64;
+                    batch.tx_frames += 1;
+                    batch.tx_bytes += len as u64;
                 }
                 Err(e) => {
-                    stats.tx_dropped += 1;
+                    batch.tx_dropped += 1;
                     tracing::debug!("virtio-net: transmit frame dropped: {e}");
                 }
             }
             // The device writes nothing into a transmit chain.
             0
         });
+        stats.add(&batch);
         if !tx_buf.is_empty() {
             TX_SCRATCH.with(|s| s.set(tx_buf));
         }
@@ -352,6 +372,7 @@ enum TxDrop {
 }
 
 /// Whether the header asks for offloads the driver negotiated (virtio 1.2, 5.1.6.2.1).
+#[inline]
 fn offload_allowed(hdr: &[u8], acked: u64) -> bool {
     let has = |f: u32| acked & bit(f) != 0;
     let (flags, gso_type) = (u32::from(hdr[0]), u32::from(hdr[1]));
@@ -376,15 +397,37 @@ fn offload_allowed(hdr: &[u8], acked: u64) -> bool {
 /// readable before the frame goes. Returns the frame's length with its header.
 fn transmit<B: NetBackend>(
     dma: &DmaSnapshot,
-    chain: Chain<'_>,
+    mut descs: Chain<'_>,
     buf: &mut Vec<u8>,
     backend: &mut B,
     neg: Negotiated,
 ) -> Result<usize, TxDrop> {
+    let first = descs.next().ok_or(TxDrop::Empty)?;
+    if first.is_write_only() {
+        return Err(TxDrop::WrongDirection);
+    }
+    let (addr, first_len) = (first.addr().0, u64::from(first.len()));
+    // One buffer in one host slice (a linear skb as Linux sends it) to a tap: translated once,
+    // for the header and the write, and no list.
+    if !first.has_next()
+        && let Some(fd) = backend.tx_fd()
+    {
+        let len = frame_len(first_len)?;
+        if let Some(one) = dma
+            .single(addr, first_len, Access::Read)
+            .map_err(TxDrop::Dma)?
+        {
+            // One volatile read: the slice holds len >= VNET_HDR_LEN bytes (frame_len).
+            let hdr: [u8; VNET_HDR_LEN] = one.get_ref(0).map_err(|_| TxDrop::TooShort(len))?.load();
+            check_offload(&hdr, neg)?;
+            return sent(super::dma::write_fd_one(fd, &one), len);
+        }
+    }
     let mut sg = SgList::new();
-    let mut count = 0usize;
-    let mut has_next = false;
-    for desc in chain {
+    sg.push(addr, first_len);
+    let mut count = 1usize;
+    let mut has_next = first.has_next();
+    for desc in descs {
         count += 1;
         if count > MAX_DESCRIPTORS {
             return Err(TxDrop::TooManyDescriptors);
@@ -398,54 +441,20 @@ fn transmit<B: NetBackend>(
             return Err(TxDrop::TooLong);
         }
     }
-    if count == 0 {
-        return Err(TxDrop::Empty);
-    }
     if has_next {
         return Err(TxDrop::Truncated);
     }
-    // At most MAX_FRAME_LEN, checked above.
-    let len = usize::try_from(sg.len()).map_err(|_| TxDrop::TooLong)?;
-    if len < VNET_HDR_LEN + ETH_HLEN {
-        return Err(TxDrop::TooShort(len));
-    }
-    let tx_fd = backend.tx_fd();
-    // One buffer in one host slice (a linear skb as Linux sends it) to a tap: translated once,
-    // for the header and the write.
-    let one = match (tx_fd, sg.ranges()) {
-        (Some(_), [r]) => dma
-            .single(r.addr, r.len, Access::Read)
-            .map_err(TxDrop::Dma)?,
-        _ => None,
-    };
+    let len = frame_len(sg.len())?;
     let mut hdr = [0u8; VNET_HDR_LEN];
-    match one.as_ref().and_then(|one| one.get_ref(0).ok()) {
-        // One volatile read (the slice holds len >= VNET_HDR_LEN bytes, checked above).
-        Some(h) => hdr = h.load(),
-        None => _ = dma.read_sg(&sg, &mut hdr).map_err(TxDrop::Dma)?,
-    }
-    if !offload_allowed(&hdr, neg.acked) {
-        return Err(TxDrop::Offload {
-            flags: hdr[0],
-            gso_type: hdr[1],
-        });
-    }
-    if let Some(fd) = tx_fd {
-        let sent = match &one {
-            Some(one) => super::dma::write_fd_one(fd, one),
-            None => dma.write_fd(fd, &sg),
-        };
-        return match sent {
-            Ok(written) if written == len => Ok(len),
-            Ok(written) => Err(TxDrop::Short { written, len }),
-            Err(super::DmaError::Io(e)) => Err(TxDrop::Backend(e)),
-            Err(e) => Err(TxDrop::Dma(e)),
-        };
+    dma.read_sg(&sg, &mut hdr).map_err(TxDrop::Dma)?;
+    check_offload(&hdr, neg)?;
+    if let Some(fd) = backend.tx_fd() {
+        return sent(dma.write_fd(fd, &sg), len);
     }
     if buf.is_empty() {
         *buf = take_scratch(&TX_SCRATCH);
     }
-    // len <= MAX_FRAME_LEN (checked above) = buf.len().
+    // len <= MAX_FRAME_LEN (frame_len) = buf.len().
     let frame = &mut buf[..len];
     dma.read_sg(&sg, frame).map_err(TxDrop::Dma)?;
     loop {
@@ -455,6 +464,42 @@ fn transmit<B: NetBackend>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(TxDrop::Backend(e)),
         }
+    }
+}
+
+/// A transmit chain's length with its header, if it can be a frame.
+fn frame_len(len: u64) -> Result<usize, TxDrop> {
+    if len > MAX_FRAME_LEN as u64 {
+        return Err(TxDrop::TooLong);
+    }
+    // At most MAX_FRAME_LEN, checked above.
+    let len = usize::try_from(len).map_err(|_| TxDrop::TooLong)?;
+    if len < VNET_HDR_LEN + ETH_HLEN {
+        return Err(TxDrop::TooShort(len));
+    }
+    Ok(len)
+}
+
+/// Refuse a header that asks for offloads the driver did not negotiate.
+#[inline]
+fn check_offload(hdr: &[u8; VNET_HDR_LEN], neg: Negotiated) -> Result<(), TxDrop> {
+    if offload_allowed(hdr, neg.acked) {
+        Ok(())
+    } else {
+        Err(TxDrop::Offload {
+            flags: hdr[0],
+            gso_type: hdr[1],
+        })
+    }
+}
+
+/// What became of a frame of `len` bytes written to a [`NetBackend::tx_fd`].
+fn sent(written: Result<usize, super::DmaError>, len: usize) -> Result<usize, TxDrop> {
+    match written {
+        Ok(written) if written == len => Ok(len),
+        Ok(written) => Err(TxDrop::Short { written, len }),
+        Err(super::DmaError::Io(e)) => Err(TxDrop::Backend(e)),
+        Err(e) => Err(TxDrop::Dma(e)),
     }
 }
 
