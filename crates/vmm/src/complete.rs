@@ -37,9 +37,7 @@ mod tests;
 
 use std::fmt;
 
-use iced_x86::{
-    Code, Decoder, DecoderError, DecoderOptions, Formatter, Instruction, IntelFormatter,
-};
+use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction};
 use kvm_bindings::{
     KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, kvm_run,
@@ -242,14 +240,14 @@ impl Completer {
         insn_bytes: Option<&[u8]>,
     ) -> Result<Kind, CompleteError> {
         let mut state = State::read(vcpu, mem)?;
-        let insn = decode(&state, insn_bytes)?;
+        let (insn, bytes) = decode(&state, insn_bytes)?;
         let kind = match dispatch(&insn, &mut state) {
             Some(Ok(kind)) => kind,
             Some(Err(why)) => {
-                let insn = format_insn(&insn);
+                let insn = format_insn(&insn, &bytes);
                 return Err(CompleteError::Refused { insn, why });
             }
-            None => return Err(CompleteError::Unknown(format_insn(&insn))),
+            None => return Err(CompleteError::Unknown(format_insn(&insn, &bytes))),
         };
         state.commit()?;
         self.counts[kind as usize] += 1;
@@ -339,19 +337,33 @@ impl ReportedBytes {
     }
 }
 
-/// Decode the instruction at CS:RIP in the vCPU's current mode.
-fn decode(state: &State<'_>, reported: Option<&[u8]>) -> Result<Instruction, CompleteError> {
+/// The longest x86 instruction.
+const MAX_INSN_LEN: usize = 15;
+
+/// Decode the instruction at CS:RIP in the vCPU's current mode; returns it with the bytes it
+/// was decoded from (for messages).
+fn decode(
+    state: &State<'_>,
+    reported: Option<&[u8]>,
+) -> Result<(Instruction, [u8; MAX_INSN_LEN]), CompleteError> {
     let bits = state.code_bits();
     let rip = state.regs.rip;
-    if let Some(insn) = reported.and_then(|b| decode_bytes(bits, b, rip)) {
-        return Ok(insn);
+    let mut buf = [0u8; MAX_INSN_LEN];
+    if let Some(b) = reported
+        && let Some(insn) = decode_bytes(bits, b, rip)
+    {
+        let n = b.len().min(MAX_INSN_LEN);
+        buf[..n].copy_from_slice(&b[..n]);
+        return Ok((insn, buf));
     }
     // No bytes from KVM, or too few: its fetch stops at a page boundary.
-    let mut buf = [0u8; 15];
     let n = state
         .fetch(&mut buf)
         .map_err(|(linear, why)| CompleteError::Fetch { linear, why })?;
-    decode_bytes(bits, &buf[..n], rip).ok_or_else(|| CompleteError::Decode(hex(&buf[..n])))
+    match decode_bytes(bits, &buf[..n], rip) {
+        Some(insn) => Ok((insn, buf)),
+        None => Err(CompleteError::Decode(hex(&buf[..n]))),
+    }
 }
 
 fn decode_bytes(bits: u32, bytes: &[u8], rip: u64) -> Option<Instruction> {
@@ -360,10 +372,38 @@ fn decode_bytes(bits: u32, bytes: &[u8], rip: u64) -> Option<Instruction> {
     (decoder.last_error() == DecoderError::None && !insn.is_invalid()).then_some(insn)
 }
 
-fn format_insn(insn: &Instruction) -> String {
-    let mut text = String::new();
-    IntelFormatter::new().format(insn, &mut text);
-    text
+/// An instruction for a message: its name if it is one of those completed here, else its
+/// bytes and address, as KVM reports an emulation failure (any disassembler tells what they
+/// are). iced's formatter would be ~130 KB of code and tables, resident in every VMM process,
+/// for these messages alone.
+fn format_insn(insn: &Instruction, bytes: &[u8; MAX_INSN_LEN]) -> String {
+    let name = match insn.code() {
+        Code::Iretw => "iret",
+        Code::Iretd => "iretd",
+        Code::Iretq => "iretq",
+        Code::Clac => "clac",
+        Code::Stac => "stac",
+        Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => "popcnt",
+        Code::Swapgs => "swapgs",
+        Code::Sysretd => "sysretd",
+        Code::Sysretq => "sysretq",
+        Code::Wait => "fwait",
+        Code::Int3 => "int3",
+        Code::Rdrand_r16 | Code::Rdrand_r32 | Code::Rdrand_r64 => "rdrand",
+        Code::Rdseed_r16 | Code::Rdseed_r32 | Code::Rdseed_r64 => "rdseed",
+        Code::Cmpxchg16b_m128 => "cmpxchg16b",
+        Code::Cmpxchg8b_m64 => "cmpxchg8b",
+        code => match shift::kind(code) {
+            Some(shift::Shift::Left) => "shlx",
+            Some(shift::Shift::Logical) => "shrx",
+            Some(shift::Shift::Arithmetic) => "sarx",
+            None => {
+                let n = insn.len().min(MAX_INSN_LEN);
+                return format!("{} at {:#x}", hex(&bytes[..n]), insn.ip());
+            }
+        },
+    };
+    name.to_owned()
 }
 
 fn hex(bytes: &[u8]) -> String {
