@@ -19,11 +19,13 @@
 //! (default 11). Prints min/median/max and ratios; asserts nothing about time, and fails only
 //! when a VF is not usable after the write.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{Counting, IN_USE};
 use devices::bus::Bus;
 use devices::pci::{Bdf, PciEcam, PciRoot};
 use devices::virtio::block::{BlockBackend, BlockOptions};
@@ -33,25 +35,7 @@ use vmm::sriov::{VfFactory, VfParts};
 use vmm::sriov_net::NetVfs;
 use vmm::virtio_pci::{BarAllocator, VirtioPci};
 
-struct Counting;
-
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        IN_USE.fetch_add(layout.size(), Ordering::Relaxed);
-        // SAFETY: same layout contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: `ptr` came from `alloc` above with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
+/// Heap bytes in use, for memory per VF.
 #[global_allocator]
 static ALLOC: Counting = Counting;
 

@@ -22,15 +22,14 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::spread;
+use common::net::{VIRTIO_NET_F_MRG_RXBUF, frame, own_namespace, tap_up};
+use common::{NoInterrupt, queue, spread};
 use devices::virtio::net::switch::{Limits, Mac, Switch, SwitchPort, UPLINK, vf_mac};
 use devices::virtio::net::{Net, NetBackend, NetConfig, TX_QUEUE, Tap, VNET_HDR_LEN};
-use devices::virtio::{DmaSpace, VirtioDevice, VirtioInterrupt, features};
-use virtio_queue::{Queue, QueueT};
+use devices::virtio::{DmaSpace, VirtioDevice, features};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 const QSIZE: u16 = 256;
@@ -47,30 +46,9 @@ const RX_BUFS: u64 = 0x10_0000;
 const TX_BUFS: u64 = 0x20_0000;
 const BUF_LEN: u64 = 2048;
 const DEVICES: u64 = 3;
-const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-/// An ethertype no protocol handles.
-const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 const PF_MAC: Mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// A host behind the uplink.
 const HOST_MAC: Mac = [0x02, 0x00, 0x00, 0xaa, 0xbb, 0xcc];
-
-struct NoInterrupt;
-
-impl VirtioInterrupt for NoInterrupt {
-    fn signal_queue(&self, _queue: u16) {}
-    fn signal_config(&self) {}
-    fn set_needs_reset(&self) {}
-}
-
-fn queue(desc: u64) -> Result<Queue, String> {
-    let mut q = Queue::new(QSIZE).map_err(|e| format!("queue: {e}"))?;
-    let lo = |a: u64| Some(a as u32);
-    q.set_desc_table_address(lo(desc), Some(0));
-    q.set_avail_ring_address(lo(desc + 0x1000), Some(0));
-    q.set_used_ring_address(lo(desc + 0x2000), Some(0));
-    q.set_ready(true);
-    Ok(q)
-}
 
 /// The driver's side of one device's two queues at `base` in guest memory, through one slice
 /// (as cheap as a guest's plain stores).
@@ -123,7 +101,10 @@ impl<'m> Driver<'m> {
     ) -> Result<(), String> {
         dev.ack_features(features::VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
         dev.activate(
-            vec![queue(self.base + RX_RING)?, queue(self.base + TX_RING)?],
+            vec![
+                queue(self.base + RX_RING, QSIZE, 0)?,
+                queue(self.base + TX_RING, QSIZE, 0)?,
+            ],
             Arc::new(NoInterrupt),
             DmaSpace::identity(mem.clone()),
         )
@@ -196,57 +177,13 @@ impl<'m> Driver<'m> {
     }
 }
 
-/// An Ethernet frame of `len` bytes from `src` to `dst`: an unhandled ethertype, a counting
-/// payload.
-fn frame(len: usize, dst: Mac, src: Mac) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[..6].copy_from_slice(&dst);
-    f[6..12].copy_from_slice(&src);
-    f[12..14].copy_from_slice(&ETHERTYPE);
-    for (i, b) in f[14..].iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    f
-}
-
-fn last_err() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
 /// A fresh network namespace with two taps in it, up: the PF's, and the switch's uplink.
 /// Ok(None): not root.
 fn setup() -> Result<Option<(Tap, Tap)>, String> {
-    // SAFETY: unshare(2) with a flag, no memory; the benchmark is single-threaded here.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        let e = last_err();
-        if e.raw_os_error() == Some(libc::EPERM) {
-            return Ok(None);
-        }
-        return Err(format!("unshare(CLONE_NEWNET): {e}"));
+    if !own_namespace()? {
+        return Ok(None);
     }
-    // No IPv6: its router and listener messages would be frames the benchmark did not send.
-    let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
-    let mut taps = Vec::new();
-    for _ in 0..2 {
-        let tap = Tap::open("msriov%d").map_err(|e| format!("tap: {e}"))?;
-        let name = tap.name().to_owned();
-        for args in [
-            vec!["link", "set", "dev", name.as_str(), "txqueuelen", "1000"],
-            vec!["link", "set", "dev", name.as_str(), "up"],
-        ] {
-            let st = Command::new("ip")
-                .args(&args)
-                .status()
-                .map_err(|e| format!("ip: {e}"))?;
-            if !st.success() {
-                return Err(format!("ip {}: {st}", args.join(" ")));
-            }
-        }
-        taps.push(tap);
-    }
-    let uplink = taps.pop().ok_or("no tap")?;
-    let pf = taps.pop().ok_or("no tap")?;
-    Ok(Some((pf, uplink)))
+    Ok(Some((tap_up("msriov%d")?, tap_up("msriov%d")?)))
 }
 
 fn kpps(d: Duration) -> f64 {
@@ -291,11 +228,7 @@ enum Work {
 }
 
 fn run() -> Result<(), String> {
-    let rounds: usize = std::env::var("MANIFOLD_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(11);
+    let rounds = common::rounds(11);
     let taps = setup()?;
     let span = (DEV_SPAN * DEVICES) as usize;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), span)])
@@ -451,13 +384,5 @@ fn run() -> Result<(), String> {
 }
 
 fn main() {
-    // `cargo test --all-targets` runs this binary without `--bench`: skip the measuring.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("sriov_net: skipped (run it with `cargo bench -p bench --bench sriov_net`)");
-        return;
-    }
-    if let Err(e) = run() {
-        eprintln!("sriov_net bench: FAILED: {e}");
-        std::process::exit(1);
-    }
+    common::main("sriov_net", run);
 }

@@ -25,56 +25,21 @@
 //! measured is the device's own cost per request (ring parsing, translation, `preadv`/`pwritev`
 //! straight into guest memory) against a bare system call per request.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
 
+use common::blk::{self, BATCH, Op, Workload};
 use common::{Clock, Took, spread};
 use devices::virtio::block::{Block, BlockBackend, BlockOptions};
-use devices::virtio::{DmaSpace, VirtioDevice, VirtioInterrupt, features};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use devices::virtio::{DmaSpace, VirtioDevice};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 const IMAGE: u64 = 256 << 20;
-const QSIZE: u16 = 256;
-/// Requests made available per kick (3 descriptors each).
-const BATCH: u64 = 64;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
-const HDRS: u64 = 0x3000;
-const STATUS: u64 = 0x4000;
-const DATA: u64 = 0x10_0000;
 const MEM: usize = 16 << 20;
 const GOAL: f64 = 0.9;
-
-/// The driver's interrupts are not wanted: it polls the used ring.
-struct NoInterrupt;
-
-impl VirtioInterrupt for NoInterrupt {
-    fn signal_queue(&self, _queue: u16) {}
-    fn signal_config(&self) {}
-    fn set_needs_reset(&self) {}
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    Read,
-    Write,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Workload {
-    name: &'static str,
-    op: Op,
-    len: u64,
-    random: bool,
-    requests: u64,
-}
 
 const WORKLOADS: [Workload; 4] = [
     Workload {
@@ -107,25 +72,6 @@ const WORKLOADS: [Workload; 4] = [
     },
 ];
 
-/// Offsets of a workload's requests: a fixed xorshift sequence (random) or consecutive.
-fn offsets(w: &Workload) -> Vec<u64> {
-    let slots = IMAGE / w.len;
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..w.requests)
-        .map(|i| {
-            let slot = if w.random {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x % slots
-            } else {
-                i % slots
-            };
-            slot * w.len
-        })
-        .collect()
-}
-
 /// The baseline: one system call per request, into (or from) as many distinct buffers as the
 /// device's batch uses, so that both touch the same amount of memory.
 fn raw(file: &File, w: &Workload, offsets: &[u64], buf: &mut [u8]) -> Result<Took, String> {
@@ -143,9 +89,8 @@ fn raw(file: &File, w: &Workload, offsets: &[u64], buf: &mut [u8]) -> Result<Too
     Ok(start.elapsed())
 }
 
-/// The driver side of one queue, laid out by hand (virtio 1.2, 2.7). It reaches guest memory
-/// through one slice over the whole region (bounds-checked, volatile), as cheaply as a guest
-/// driver's plain stores, so that the driver's own work is not charged to the device.
+/// The driver side of the queue (`common::blk`). It reaches guest memory through one slice
+/// over the whole region, so that the driver's own work is not charged to the device.
 struct Driver<'m> {
     mem: VolatileSlice<'m>,
     avail_idx: u16,
@@ -153,76 +98,14 @@ struct Driver<'m> {
 }
 
 impl Driver<'_> {
-    fn put<T: vm_memory::ByteValued>(&self, addr: u64, v: T) -> Result<(), String> {
-        self.mem
-            .write_obj(v, addr as usize)
-            .map_err(|e| format!("guest memory: {e}"))
-    }
-
-    fn get<T: vm_memory::ByteValued>(&self, addr: u64) -> Result<T, String> {
-        self.mem
-            .read_obj(addr as usize)
-            .map_err(|e| format!("guest memory: {e}"))
-    }
-
-    /// Descriptor `i`: address, length, flags, next.
-    fn desc(&self, i: u64, addr: u64, len: u32, flags: u16, next: u16) -> Result<(), String> {
-        let at = DESC + 16 * i;
-        self.put(at, addr)?;
-        self.put(at + 8, len)?;
-        self.put(at + 12, flags)?;
-        self.put(at + 14, next)
-    }
-
-    /// Chains for `BATCH` requests of `len` bytes: header, data, status.
-    fn lay_out(&self, op: Op, len: u64) -> Result<(), String> {
-        const NEXT: u16 = 1;
-        const WRITE: u16 = 2;
-        let data_flags = NEXT | if op == Op::Read { WRITE } else { 0 };
-        let kind: u32 = if op == Op::Read { 0 } else { 1 };
-        let len32 = u32::try_from(len).map_err(|e| e.to_string())?;
-        for r in 0..BATCH {
-            let d = (3 * r) as u16;
-            self.desc(3 * r, HDRS + 16 * r, 16, NEXT, d + 1)?;
-            self.desc(3 * r + 1, DATA + r * len, len32, data_flags, d + 2)?;
-            self.desc(3 * r + 2, STATUS + r, 1, WRITE, 0)?;
-            self.put(HDRS + 16 * r, kind)?;
-            self.put(HDRS + 16 * r + 4, 0u32)?;
-        }
-        Ok(())
-    }
-
-    /// Make requests for `sectors` available (one per chain slot), kick, check the results.
-    /// Returns how long the device took to serve the kick.
+    /// Make requests for `byte_offsets` available (one per chain slot), kick, check the
+    /// results. Returns how long the device took to serve the kick.
     fn run_batch(&mut self, dev: &mut Block, byte_offsets: &[u64]) -> Result<Duration, String> {
-        for (r, &off) in byte_offsets.iter().enumerate() {
-            let r = r as u64;
-            self.put(HDRS + 16 * r + 8, off / 512)?;
-            self.put(STATUS + r, 0xffu8)?;
-            let slot = u64::from(self.avail_idx % QSIZE);
-            self.put(AVAIL + 4 + 2 * slot, (3 * r) as u16)?;
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        self.put(AVAIL + 2, self.avail_idx)?;
+        blk::make_available(&self.mem, &mut self.avail_idx, byte_offsets)?;
         let start = Instant::now();
         dev.process_queue(0);
         let took = start.elapsed();
-        let used: u16 = self.get(USED + 2)?;
-        let n = byte_offsets.len() as u16;
-        if used != self.used_seen.wrapping_add(n) {
-            return Err(format!(
-                "{} requests used, {n} expected",
-                used.wrapping_sub(self.used_seen)
-            ));
-        }
-        self.used_seen = used;
-        for r in 0..byte_offsets.len() as u64 {
-            let s: u8 = self.get(STATUS + r)?;
-            if s != 0 {
-                return Err(format!("request status {s}"));
-            }
-        }
+        blk::check_used(&self.mem, &mut self.used_seen, byte_offsets.len())?;
         Ok(took)
     }
 }
@@ -233,7 +116,7 @@ fn device_run(
     w: &Workload,
     offsets: &[u64],
 ) -> Result<Took, String> {
-    drv.lay_out(w.op, w.len)?;
+    blk::lay_out(&drv.mem, w.op, w.len, 0)?;
     let start = Clock::now();
     let mut wall = Duration::ZERO;
     for batch in offsets.chunks(BATCH as usize) {
@@ -250,51 +133,18 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
 }
 
 fn run() -> Result<(), String> {
-    let rounds: usize = std::env::var("MANIFOLD_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(11);
-    let dir = std::env::var_os("MANIFOLD_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let path = dir.join(format!("manifold-bench-blk-{}.img", std::process::id()));
-    let result = measure(&path, rounds);
-    let _ = std::fs::remove_file(&path);
-    result
+    let rounds = common::rounds(11);
+    common::with_image("blk", |path| measure(path, rounds))
 }
 
 fn measure(path: &std::path::Path, rounds: usize) -> Result<(), String> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| format!("image {}: {e}", path.display()))?;
-    // Written once, so that reads hit cached pages and writes overwrite allocated blocks.
-    let chunk = vec![0x5au8; 1 << 20];
-    for i in 0..IMAGE >> 20 {
-        file.write_all_at(&chunk, i << 20)
-            .map_err(|e| format!("image: {e}"))?;
-    }
+    let file = blk::image(path, IMAGE)?;
     let backend =
         BlockBackend::open(path, &BlockOptions::default()).map_err(|e| format!("backend: {e}"))?;
     let mut dev = Block::new(backend);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)])
         .map_err(|e| format!("guest memory: {e}"))?;
-    let mut q = Queue::new(QSIZE).map_err(|e| format!("queue: {e}"))?;
-    q.set_desc_table_address(Some(DESC as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
-    q.set_ready(true);
-    dev.ack_features(features::VERSION_1);
-    dev.activate(
-        vec![q],
-        Arc::new(NoInterrupt),
-        DmaSpace::identity(mem.clone()),
-    )
-    .map_err(|e| format!("activate: {e}"))?;
+    blk::activate(&mut dev, 0, DmaSpace::identity(mem.clone()))?;
     let mut drv = Driver {
         mem: mem
             .get_slice(GuestAddress(0), MEM)
@@ -317,7 +167,7 @@ fn measure(path: &std::path::Path, rounds: usize) -> Result<(), String> {
     let mut below = Vec::new();
     let only = std::env::var("MANIFOLD_BENCH_ONLY").unwrap_or_default();
     for w in WORKLOADS.iter().filter(|w| w.name.contains(only.as_str())) {
-        let offs = offsets(w);
+        let offs = blk::offsets(w, IMAGE);
         let bytes = w.len * w.requests;
         let (mut r, mut d, mut per_round, mut cpu) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -376,13 +226,5 @@ fn measure(path: &std::path::Path, rounds: usize) -> Result<(), String> {
 }
 
 fn main() {
-    // `cargo test --all-targets` runs this binary without `--bench`: skip the measuring.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("virtio_blk: skipped (run it with `cargo bench -p bench --bench virtio_blk`)");
-        return;
-    }
-    if let Err(e) = run() {
-        eprintln!("virtio_blk bench: FAILED: {e}");
-        std::process::exit(1);
-    }
+    common::main("virtio_blk", run);
 }

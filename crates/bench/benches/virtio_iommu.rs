@@ -14,53 +14,26 @@
 //! `MANIFOLD_BENCH_DIR` (where the 64 MiB image goes). Exits non-zero only when a request
 //! fails.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::blk::{self, BATCH, DATA, DESC, DriverMem, Op, QSIZE, Workload};
+use common::{Counting, IN_USE, NoInterrupt, queue};
 use devices::virtio::block::{Block, BlockBackend, BlockOptions};
 use devices::virtio::iommu::request::{MAP_F_READ, MAP_F_WRITE, T_ATTACH, T_MAP, T_UNMAP};
 use devices::virtio::iommu::{Endpoint, IommuConfig, REQUEST_QUEUE, VirtioIommu, feature};
-use devices::virtio::{DmaSpace, VirtioDevice, VirtioInterrupt, features};
+use devices::virtio::{DmaSpace, VirtioDevice, features};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Heap bytes in use, for memory per mapping.
-struct Counting;
-
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        IN_USE.fetch_add(layout.size(), Ordering::Relaxed);
-        // SAFETY: same layout contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: `ptr` came from `alloc` above with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
 const IMAGE: u64 = 64 << 20;
-const QSIZE: u16 = 256;
-const BATCH: u64 = 64;
-/// The disk's queue, headers, status bytes and data (GPAs).
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const HDRS: u64 = 0x3000;
-const STATUS: u64 = 0x4000;
-const DATA: u64 = 0x10_0000;
 /// The IOMMU's request queue and buffers (GPAs; it is not behind itself).
 const IOMMU_RING: u64 = 0x8000;
 const IOMMU_REQ: u64 = 0xc000;
@@ -72,32 +45,8 @@ const MAPPED: u64 = 16 << 20;
 const IOVA_OFFSET: u64 = 1 << 32;
 const GOAL: f64 = 0.9;
 
-struct NoInterrupt;
-
-impl VirtioInterrupt for NoInterrupt {
-    fn signal_queue(&self, _queue: u16) {}
-    fn signal_config(&self) {}
-    fn set_needs_reset(&self) {}
-}
-
 fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |e| format!("{what}: {e}")
-}
-
-/// A queue of `size` at `base` (descriptors, then avail at +0x1000, used at +0x2000) as seen
-/// by a device that adds `offset` to every address.
-fn queue(base: u64, size: u16, offset: u64) -> Result<Queue, String> {
-    let mut q = Queue::new(size).map_err(err("queue"))?;
-    q.set_size(size);
-    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-    let (lo, hi) = split(base + offset);
-    q.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(base + 0x1000 + offset);
-    q.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(base + 0x2000 + offset);
-    q.set_used_ring_address(lo, hi);
-    q.set_ready(true);
-    Ok(q)
 }
 
 /// The guest's side of a split queue: descriptors, available and used rings by hand.
@@ -110,23 +59,15 @@ struct Ring {
 
 impl Ring {
     fn put<T: vm_memory::ByteValued>(&self, addr: u64, v: T) -> Result<(), String> {
-        self.mem
-            .write_obj(v, GuestAddress(addr))
-            .map_err(err("guest memory"))
+        self.mem.put(addr, v)
     }
 
     fn get<T: vm_memory::ByteValued>(&self, addr: u64) -> Result<T, String> {
-        self.mem
-            .read_obj(GuestAddress(addr))
-            .map_err(err("guest memory"))
+        self.mem.get(addr)
     }
 
     fn desc(&self, i: u64, addr: u64, len: u32, flags: u16, next: u16) -> Result<(), String> {
-        let at = self.base + 16 * i;
-        self.put(at, addr)?;
-        self.put(at + 8, len)?;
-        self.put(at + 12, flags)?;
-        self.put(at + 14, next)
+        self.mem.desc(self.base, i, addr, len, flags, next)
     }
 
     fn publish(&mut self, head: u16) -> Result<(), String> {
@@ -226,20 +167,6 @@ fn iommu(mem: &GuestMemoryMmap, dma: &DmaSpace, dev: Arc<Mutex<Block>>) -> Resul
     Ok(Iommu { dev, ring })
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Read,
-    Write,
-}
-
-struct Workload {
-    name: &'static str,
-    op: Op,
-    len: u64,
-    random: bool,
-    requests: u64,
-}
-
 const WORKLOADS: [Workload; 3] = [
     Workload {
         name: "4 KiB random read",
@@ -264,24 +191,6 @@ const WORKLOADS: [Workload; 3] = [
     },
 ];
 
-fn offsets(w: &Workload) -> Vec<u64> {
-    let slots = IMAGE / w.len;
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..w.requests)
-        .map(|i| {
-            let slot = if w.random {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x % slots
-            } else {
-                i % slots
-            };
-            slot * w.len
-        })
-        .collect()
-}
-
 /// One virtio-blk device and its driver; `offset` is what the device adds to every GPA.
 struct Disk {
     dev: Arc<Mutex<Block>>,
@@ -291,57 +200,17 @@ struct Disk {
 }
 
 impl Disk {
-    fn lay_out(&self, op: Op, len: u64) -> Result<(), String> {
-        const NEXT: u16 = 1;
-        const WRITE: u16 = 2;
-        let data_flags = NEXT | if op == Op::Read { WRITE } else { 0 };
-        let kind: u32 = if op == Op::Read { 0 } else { 1 };
-        let o = self.offset;
-        for r in 0..BATCH {
-            let d = (3 * r) as u16;
-            self.ring.desc(3 * r, HDRS + 16 * r + o, 16, NEXT, d + 1)?;
-            self.ring
-                .desc(3 * r + 1, DATA + r * len + o, len as u32, data_flags, d + 2)?;
-            self.ring.desc(3 * r + 2, STATUS + r + o, 1, WRITE, 0)?;
-            self.ring.put(HDRS + 16 * r, kind)?;
-            self.ring.put(HDRS + 16 * r + 4, 0u32)?;
-        }
-        Ok(())
-    }
-
+    /// All of `offsets`, `BATCH` per kick; the time includes the driver's work.
     fn run(&mut self, w: &Workload, offsets: &[u64]) -> Result<Duration, String> {
-        self.lay_out(w.op, w.len)?;
+        blk::lay_out(&self.ring.mem, w.op, w.len, self.offset)?;
         let start = Instant::now();
         for batch in offsets.chunks(BATCH as usize) {
-            for (r, &off) in batch.iter().enumerate() {
-                let r = r as u64;
-                self.ring.put(HDRS + 16 * r + 8, off / 512)?;
-                self.ring.put(STATUS + r, 0xffu8)?;
-                let slot = u64::from(self.ring.avail_idx % QSIZE);
-                self.ring.put(AVAIL + 4 + 2 * slot, (3 * r) as u16)?;
-                self.ring.avail_idx = self.ring.avail_idx.wrapping_add(1);
-            }
-            std::sync::atomic::fence(Ordering::Release);
-            self.ring.put(AVAIL + 2, self.ring.avail_idx)?;
+            blk::make_available(&self.ring.mem, &mut self.ring.avail_idx, batch)?;
             self.dev
                 .lock()
                 .map_err(|_| "device lock poisoned".to_string())?
                 .process_queue(0);
-            let used = self.ring.used_idx()?;
-            let n = batch.len() as u16;
-            if used != self.used_seen.wrapping_add(n) {
-                return Err(format!(
-                    "{} requests used, {n} expected",
-                    used.wrapping_sub(self.used_seen)
-                ));
-            }
-            self.used_seen = used;
-            for r in 0..batch.len() as u64 {
-                let s: u8 = self.ring.get(STATUS + r)?;
-                if s != 0 {
-                    return Err(format!("request status {s}"));
-                }
-            }
+            blk::check_used(&self.ring.mem, &mut self.used_seen, batch.len())?;
         }
         Ok(start.elapsed())
     }
@@ -363,13 +232,7 @@ fn activate(d: &Disk, dma: DmaSpace) -> Result<(), String> {
         .dev
         .lock()
         .map_err(|_| "device lock poisoned".to_string())?;
-    dev.ack_features(features::VERSION_1);
-    dev.activate(
-        vec![queue(DESC, QSIZE, d.offset)?],
-        Arc::new(NoInterrupt),
-        dma,
-    )
-    .map_err(err("activate"))
+    blk::activate(&mut dev, d.offset, dma)
 }
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -382,17 +245,8 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
 }
 
 fn measure(path: &std::path::Path, rounds: usize) -> Result<(), String> {
-    let file: File = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(err("image"))?;
-    let chunk = vec![0x5au8; 1 << 20];
-    for i in 0..IMAGE >> 20 {
-        file.write_all_at(&chunk, i << 20).map_err(err("image"))?;
-    }
+    // Written once, open for the run; the devices open it themselves.
+    let _file = blk::image(path, IMAGE)?;
     let ring = |mem: &GuestMemoryMmap| Ring {
         mem: mem.clone(),
         base: DESC,
@@ -436,7 +290,7 @@ fn measure(path: &std::path::Path, rounds: usize) -> Result<(), String> {
     );
     let mut below = false;
     for w in &WORKLOADS {
-        let offs = offsets(w);
+        let offs = blk::offsets(w, IMAGE);
         let mut times: Vec<Vec<Duration>> = vec![Vec::new(); disks.len()];
         for d in disks.iter_mut() {
             d.run(w, &offs)?;
@@ -574,23 +428,8 @@ fn access_cost(rounds: usize) -> Result<(), String> {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("virtio_iommu: skipped (run it with `cargo bench -p bench --bench virtio_iommu`)");
-        return;
-    }
-    let rounds: usize = std::env::var("MANIFOLD_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(9);
-    let dir = std::env::var_os("MANIFOLD_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let path = dir.join(format!("manifold-bench-iommu-{}.img", std::process::id()));
-    let result = measure(&path, rounds);
-    let _ = std::fs::remove_file(&path);
-    if let Err(e) = result {
-        eprintln!("virtio_iommu bench: FAILED: {e}");
-        std::process::exit(1);
-    }
+    common::main("virtio_iommu", || {
+        let rounds = common::rounds(9);
+        common::with_image("iommu", |path| measure(path, rounds))
+    });
 }

@@ -25,16 +25,16 @@
 //! `perf record` or `time`, whose user/system split shows where each side's time goes).
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
 
-use common::{Clock, Took, spread};
+use common::net::{VIRTIO_NET_F_MRG_RXBUF, frame, last_err, own_namespace, tap_up};
+use common::{Clock, NoInterrupt, Took, spread};
 use devices::virtio::net::{Net, NetConfig, TX_QUEUE, Tap, VNET_HDR_LEN};
-use devices::virtio::{DmaSpace, VirtioDevice, VirtioInterrupt, features};
-use virtio_queue::{Queue, QueueT};
+use devices::virtio::{DmaSpace, VirtioDevice, features};
+use virtio_queue::Queue;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory, VolatileSlice,
 };
@@ -54,18 +54,8 @@ const TX_BUFS: u64 = 0x20_0000;
 const BUF_LEN: u64 = 2048;
 const MEM: usize = 16 << 20;
 const GOAL: f64 = 0.9;
-const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-/// An ethertype no protocol handles: frames written to the tap are dropped right after the
-/// driver layer, the same way for both sides.
-const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
-
-struct NoInterrupt;
-
-impl VirtioInterrupt for NoInterrupt {
-    fn signal_queue(&self, _queue: u16) {}
-    fn signal_config(&self) {}
-    fn set_needs_reset(&self) {}
-}
+/// The frames' source; they go to the broadcast address.
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 /// Offsets of one split queue's parts (virtio 1.2, 2.7).
 #[derive(Clone, Copy)]
@@ -85,12 +75,7 @@ impl Ring {
     }
 
     fn queue(&self) -> Result<Queue, String> {
-        let mut q = Queue::new(QSIZE).map_err(|e| format!("queue: {e}"))?;
-        q.set_desc_table_address(Some(self.desc as u32), Some(0));
-        q.set_avail_ring_address(Some(self.avail as u32), Some(0));
-        q.set_used_ring_address(Some(self.used as u32), Some(0));
-        q.set_ready(true);
-        Ok(q)
+        common::queue(self.desc, QSIZE, 0)
     }
 }
 
@@ -259,22 +244,6 @@ impl Injector {
     }
 }
 
-fn last_err() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
-/// An Ethernet frame of `len` bytes: broadcast, an unhandled ethertype, a counting payload.
-fn frame(len: usize) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[..6].fill(0xff);
-    f[6..12].copy_from_slice(&[0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
-    f[12..14].copy_from_slice(&ETHERTYPE);
-    for (i, b) in f[14..].iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    f
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
     Tx,
@@ -350,40 +319,14 @@ fn kpps(d: Duration) -> f64 {
 
 /// A fresh network namespace for this process, with the tap in it, up. Ok(None): not root.
 fn setup() -> Result<Option<Tap>, String> {
-    // SAFETY: unshare(2) with a flag, no memory; the benchmark is single-threaded here.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        let e = last_err();
-        if e.raw_os_error() == Some(libc::EPERM) {
-            return Ok(None);
-        }
-        return Err(format!("unshare(CLONE_NEWNET): {e}"));
+    if !own_namespace()? {
+        return Ok(None);
     }
-    // No IPv6 in the namespace: its router and multicast-listener messages would be frames on
-    // the tap that the benchmark did not send. (Absent when the host has no IPv6 at all.)
-    let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
-    let tap = Tap::open("mbench%d").map_err(|e| format!("tap: {e}"))?;
-    let name = tap.name().to_owned();
-    for args in [
-        vec!["link", "set", "dev", name.as_str(), "txqueuelen", "1000"],
-        vec!["link", "set", "dev", name.as_str(), "up"],
-    ] {
-        let st = Command::new("ip")
-            .args(&args)
-            .status()
-            .map_err(|e| format!("ip: {e}"))?;
-        if !st.success() {
-            return Err(format!("ip {}: {st}", args.join(" ")));
-        }
-    }
-    Ok(Some(tap))
+    tap_up("mbench%d").map(Some)
 }
 
 fn run() -> Result<(), String> {
-    let rounds: usize = std::env::var("MANIFOLD_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(11);
+    let rounds = common::rounds(11);
     let Some(tap) = setup()? else {
         println!("virtio_net: skipped: needs root (a network namespace and a tap of its own)");
         return Ok(());
@@ -435,7 +378,7 @@ fn run() -> Result<(), String> {
         if !name.contains(only.as_str()) {
             continue;
         }
-        let f = frame(len);
+        let f = frame(len, [0xff; 6], MAC);
         let mut pkt = vec![0u8; VNET_HDR_LEN];
         pkt.extend_from_slice(&f);
         if dir == Dir::Tx {
@@ -503,13 +446,5 @@ fn run() -> Result<(), String> {
 }
 
 fn main() {
-    // `cargo test --all-targets` runs this binary without `--bench`: skip the measuring.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("virtio_net: skipped (run it with `cargo bench -p bench --bench virtio_net`)");
-        return;
-    }
-    if let Err(e) = run() {
-        eprintln!("virtio_net bench: FAILED: {e}");
-        std::process::exit(1);
-    }
+    common::main("virtio_net", run);
 }
