@@ -105,20 +105,22 @@ pub(crate) fn le(value: u64, len: usize) -> Vec<u8> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use crate::legacy::testutil::XorShift;
+
     /// xorshift64 inputs of 0..`max_len` bytes, `count` of them, fed to `harness`.
     pub fn run(harness: fn(&[u8]), seed: u64, count: usize, max_len: usize) {
-        let mut x = seed;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = XorShift(seed);
         for _ in 0..count {
-            let len = (next() % max_len as u64) as usize;
-            let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let len = rng.below(max_len as u64) as usize;
+            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
             harness(&data);
         }
+    }
+
+    /// `count` xorshift64 inputs of exactly `len` bytes, all from one generator seeded `seed`.
+    pub fn inputs(seed: u64, count: usize, len: usize) -> impl Iterator<Item = Vec<u8>> {
+        let mut rng = XorShift(seed);
+        (0..count).map(move |_| (0..len).map(|_| rng.next() as u8).collect())
     }
 
     #[test]

@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use super::{Input, le};
 use crate::bus::{Bus, BusDevice, lock};
 use crate::pci::msix::RecordingMsi;
+use crate::pci::testutil::{msix_endpoint, test_ids};
 use crate::pci::{
-    AddressSpace, BarInfo, BarKind, BarLocation, Bdf, Capability, ConfigEffects, ConfigSpace, Msix,
-    PciConfigIo, PciDevice, PciEcam, PciExpressPort, PciIds, PciRoot,
+    AddressSpace, BarInfo, BarKind, Bdf, ConfigEffects, ConfigSpace, Msix, PciConfigIo, PciDevice,
+    PciEcam, PciRoot,
 };
 
 const ECAM: u64 = 0xe000_0000;
@@ -34,37 +35,17 @@ struct FakeFunction {
 
 impl FakeFunction {
     fn endpoint(device_id: u16) -> Self {
-        let mut config = ConfigSpace::endpoint(&ids(device_id));
-        let bars = [
-            (0, BarKind::Mem32, 0x1000, false),
-            (2, BarKind::Mem64, 0x4000, true),
-            (4, BarKind::Io, 0x20, false),
-        ];
-        for (i, kind, size, pf) in bars {
-            // Constant, valid declarations.
-            let _ = config.add_bar(i, kind, size, pf);
-        }
-        let _ = config.add_capability(&Capability::pci_express(PciExpressPort::RcEndpoint));
-        let msix = Msix::new(
-            &mut config,
-            4,
-            BarLocation { bar: 2, offset: 0 },
-            BarLocation {
-                bar: 2,
-                offset: 0x800,
-            },
-            RecordingMsi::new(),
-        )
-        .ok();
+        let (config, msix) = msix_endpoint(device_id, RecordingMsi::new())
+            .expect("the endpoint's declaration is valid");
         Self {
             config,
-            msix,
+            msix: Some(msix),
             last: None,
         }
     }
 
     fn bridge(device_id: u16) -> Self {
-        let mut config = ConfigSpace::bridge(&ids(device_id));
+        let mut config = ConfigSpace::bridge(&test_ids(device_id));
         let _ = config.add_bar(0, BarKind::Mem32, 0x1000, false);
         let _ = config.add_bar(1, BarKind::Io, 0x10, false);
         Self {
@@ -72,17 +53,6 @@ impl FakeFunction {
             msix: None,
             last: None,
         }
-    }
-}
-
-fn ids(device_id: u16) -> PciIds {
-    PciIds {
-        vendor_id: 0x1af4,
-        device_id,
-        revision: 1,
-        class_code: 0xff_0000,
-        subsystem_vendor_id: 0x1af4,
-        subsystem_id: 1,
     }
 }
 

@@ -8,22 +8,16 @@
 
 use super::{Input, le};
 use crate::pci::sriov::reg;
+use crate::pci::testutil::net_pf_ids;
 use crate::pci::{
-    BarKind, Bdf, Capability, ConfigSpace, PciExpressPort, PciIds, SriovCap, SriovParams, VfBar,
+    BarKind, Bdf, Capability, ConfigSpace, PciExpressPort, SriovCap, SriovParams, VfBar,
 };
 
 const TOTAL: u16 = 16;
 const PF: Bdf = Bdf::new(0xfe, 0x1f, 0);
 
 fn pf() -> Option<(ConfigSpace, SriovCap)> {
-    let mut config = ConfigSpace::endpoint(&PciIds {
-        vendor_id: 0x1af4,
-        device_id: 0x1041,
-        revision: 1,
-        class_code: 0x02_0000,
-        subsystem_vendor_id: 0x1af4,
-        subsystem_id: 1,
-    });
+    let mut config = ConfigSpace::endpoint(&net_pf_ids());
     config
         .add_capability(&Capability::pci_express(PciExpressPort::Endpoint))
         .ok()?;

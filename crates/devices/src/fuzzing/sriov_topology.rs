@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use super::{Input, le};
 use crate::bus::{Bus, lock};
 use crate::pci::sriov::{reg, vf_routing_id};
+use crate::pci::testutil::SriovPf;
 use crate::pci::{
-    AddressSpace, BarInfo, BarKind, Bdf, Capability, ConfigEffects, ConfigSpace, PciDevice,
-    PciEcam, PciExpressPort, PciIds, PciRoot, RootPort, SriovCap, SriovHandler, SriovParams, VfBar,
-    VfBarChange, VfEnableChange,
+    AddressSpace, BarInfo, BarKind, Bdf, ConfigEffects, ConfigSpace, PciDevice, PciEcam, PciIds,
+    PciRoot, RootPort, SriovHandler, SriovParams, VfBar, VfBarChange, VfEnableChange,
 };
 
 const ECAM: u64 = 0xe000_0000;
@@ -27,34 +27,6 @@ const VF_BAR: u64 = 0x1000;
 const PORT: Bdf = Bdf::new(0, 1, 0);
 /// The PCIe capability of the port (the first standard one).
 const PORT_DEVCTL2: u16 = 0x40 + 0x28;
-
-struct Pf {
-    config: ConfigSpace,
-    sriov: SriovCap,
-}
-
-impl PciDevice for Pf {
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.config.read(offset, data);
-    }
-
-    fn config_write(&mut self, offset: u16, data: &[u8]) -> ConfigEffects {
-        let mut effects = self.config.write(offset, data);
-        self.sriov
-            .config_written(&mut self.config, offset, data.len(), &mut effects);
-        effects
-    }
-
-    fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-
-    fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
-
-    fn bars(&self) -> Vec<BarInfo> {
-        Vec::new()
-    }
-}
 
 /// A VF: its config space, and a BAR 0 that reads `index << 16 | offset`.
 struct Vf {
@@ -149,31 +121,22 @@ fn ids(device_id: u16) -> PciIds {
     }
 }
 
-fn pf() -> Option<Pf> {
-    let mut config = ConfigSpace::endpoint(&ids(0x1042));
-    config
-        .add_capability(&Capability::pci_express(PciExpressPort::Endpoint))
-        .ok()?;
-    config.add_capability(&Capability::ari(0)).ok()?;
-    let sriov = SriovCap::new(
-        &mut config,
-        SriovParams {
-            initial_vfs: TOTAL,
-            total_vfs: TOTAL,
-            first_vf_offset: 1,
-            vf_stride: 1,
-            vf_device_id: 0x1042,
-            supported_page_sizes: reg::PAGE_4K,
-            vf_bars: vec![VfBar {
-                index: 0,
-                kind: BarKind::Mem64,
-                size: VF_BAR,
-                prefetchable: false,
-            }],
-        },
-    )
-    .ok()?;
-    Some(Pf { config, sriov })
+fn pf() -> Option<SriovPf> {
+    let params = SriovParams {
+        initial_vfs: TOTAL,
+        total_vfs: TOTAL,
+        first_vf_offset: 1,
+        vf_stride: 1,
+        vf_device_id: 0x1042,
+        supported_page_sizes: reg::PAGE_4K,
+        vf_bars: vec![VfBar {
+            index: 0,
+            kind: BarKind::Mem64,
+            size: VF_BAR,
+            prefetchable: false,
+        }],
+    };
+    SriovPf::new(&ids(0x1042), params).ok()
 }
 
 fn ecam(bdf: Bdf, reg: u16) -> u64 {

@@ -213,17 +213,8 @@ mod tests {
     /// The shadow is not vacuous: random inputs get requests through with its checks on.
     #[test]
     fn requests_served_under_the_shadow() {
-        let mut x = 0x5eed_u64;
         let mut served = 0;
-        for _ in 0..400 {
-            let data: Vec<u8> = (0..400)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+        for data in crate::fuzzing::tests::inputs(0x5eed, 400, 400) {
             served += run(&data);
         }
         assert!(served > 100, "{served} requests served under the shadow");

@@ -666,17 +666,8 @@ mod tests {
     /// The shadow is not vacuous: random inputs get requests through with its checks on.
     #[test]
     fn requests_succeed_under_the_shadow() {
-        let mut x = 0x5eed_1003_u64;
         let mut ok = 0;
-        for _ in 0..300 {
-            let data: Vec<u8> = (0..500)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+        for data in crate::fuzzing::tests::inputs(0x5eed_1003, 300, 500) {
             ok += run(&data);
         }
         assert!(ok > 300, "{ok} requests OK under the shadow");

@@ -618,17 +618,8 @@ mod tests {
     /// The shadow is not vacuous: random inputs get chains through with its checks on.
     #[test]
     fn chains_served_under_the_shadow() {
-        let mut x = 0x4e37_u64;
         let (mut served, mut matched) = (0, 0);
-        for _ in 0..200 {
-            let data: Vec<u8> = (0..800)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+        for data in crate::fuzzing::tests::inputs(0x4e37, 200, 800) {
             let (s, m) = run(&data);
             served += s;
             matched += m;

@@ -18,6 +18,8 @@ pub mod msix;
 mod port;
 mod root;
 pub mod sriov;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod testutil;
 
 pub use capability::{Capability, PciExpressPort, cap_id, ext_cap_id};
 pub use config::{CONFIG_SPACE_SIZE, ConfigSpace, HeaderType, PciIds, touches};

@@ -8,9 +8,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::legacy::testutil::XorShift;
 use crate::pci::msix::{MsiEvent, RecordingMsi};
+use crate::pci::testutil::{SriovPf, msix_endpoint};
 use crate::pci::{
-    BarKind, BarLocation, Capability, Datamatch, Msix, PciDeviceExt, PciExpressPort,
-    RecordingIoEvents, RootPort, VfBarChange, VfEnableChange,
+    BarKind, Datamatch, Msix, PciDeviceExt, RecordingIoEvents, RootPort, VfBarChange,
+    VfEnableChange,
 };
 
 const ECAM: u64 = 0xe000_0000;
@@ -30,31 +31,7 @@ const NOTIFY: u64 = 0x3000;
 
 impl TestDev {
     fn new(device_id: u16, irq: Arc<RecordingMsi>) -> Self {
-        let mut config = ConfigSpace::endpoint(&PciIds {
-            vendor_id: 0x1af4,
-            device_id,
-            revision: 1,
-            class_code: 0xff_0000,
-            subsystem_vendor_id: 0x1af4,
-            subsystem_id: 1,
-        });
-        config.add_bar(0, BarKind::Mem32, 0x1000, false).unwrap();
-        config.add_bar(2, BarKind::Mem64, 0x4000, true).unwrap();
-        config.add_bar(4, BarKind::Io, 0x20, false).unwrap();
-        config
-            .add_capability(&Capability::pci_express(PciExpressPort::RcEndpoint))
-            .unwrap();
-        let msix = Msix::new(
-            &mut config,
-            4,
-            BarLocation { bar: 2, offset: 0 },
-            BarLocation {
-                bar: 2,
-                offset: 0x800,
-            },
-            irq,
-        )
-        .unwrap();
+        let (config, msix) = msix_endpoint(device_id, irq).unwrap();
         Self {
             config,
             msix,
@@ -577,68 +554,29 @@ fn random_accesses() {
     assert_eq!(p.ecam_read(Bdf::default(), 0, 4), 0x0d57_8086);
 }
 
-/// A PF: a config space with the SR-IOV capability (2 VF BARs' worth: one 64-bit VF BAR 0 of
-/// 16 KiB) and ARI.
-struct PfDev {
-    config: ConfigSpace,
-    sriov: crate::pci::SriovCap,
-}
-
-impl PfDev {
-    fn new(total: u16) -> Self {
-        let mut config = ConfigSpace::endpoint(&PciIds {
-            vendor_id: 0x1af4,
-            device_id: 0x1042,
-            class_code: 0x01_8000,
-            ..Default::default()
-        });
-        config
-            .add_capability(&Capability::pci_express(PciExpressPort::Endpoint))
-            .unwrap();
-        config.add_capability(&Capability::ari(0)).unwrap();
-        let sriov = crate::pci::SriovCap::new(
-            &mut config,
-            crate::pci::SriovParams {
-                initial_vfs: total,
-                total_vfs: total,
-                first_vf_offset: 1,
-                vf_stride: 1,
-                vf_device_id: 0x1042,
-                supported_page_sizes: 1,
-                vf_bars: vec![crate::pci::VfBar {
-                    index: 0,
-                    kind: BarKind::Mem64,
-                    size: 0x4000,
-                    prefetchable: false,
-                }],
-            },
-        )
-        .unwrap();
-        Self { config, sriov }
-    }
-}
-
-impl PciDevice for PfDev {
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.config.read(offset, data);
-    }
-
-    fn config_write(&mut self, offset: u16, data: &[u8]) -> ConfigEffects {
-        let mut effects = self.config.write(offset, data);
-        self.sriov
-            .config_written(&mut self.config, offset, data.len(), &mut effects);
-        effects
-    }
-
-    fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-
-    fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
-
-    fn bars(&self) -> Vec<BarInfo> {
-        Vec::new()
-    }
+/// A PF with ARI and the SR-IOV capability: one 64-bit VF BAR 0 of 16 KiB.
+fn pf_dev(total: u16) -> SriovPf {
+    let ids = PciIds {
+        vendor_id: 0x1af4,
+        device_id: 0x1042,
+        class_code: 0x01_8000,
+        ..Default::default()
+    };
+    let params = crate::pci::SriovParams {
+        initial_vfs: total,
+        total_vfs: total,
+        first_vf_offset: 1,
+        vf_stride: 1,
+        vf_device_id: 0x1042,
+        supported_page_sizes: 1,
+        vf_bars: vec![crate::pci::VfBar {
+            index: 0,
+            kind: BarKind::Mem64,
+            size: 0x4000,
+            prefetchable: false,
+        }],
+    };
+    SriovPf::new(&ids, params).unwrap()
 }
 
 /// Makes each VF a TestDev (device id 0x2000 + i) turned into a VF, and maps VF BAR 0 as the PF
@@ -682,7 +620,7 @@ impl SriovHandler for VfMaker {
 #[test]
 fn root_port_routes_to_its_secondary_bus() {
     let p = Platform::new(0);
-    let pf = Arc::new(Mutex::new(PfDev::new(12)));
+    let pf = Arc::new(Mutex::new(pf_dev(12)));
     {
         let mut root = p.root.lock().unwrap();
         root.add_root_port(Bdf::new(0, 1, 0), RootPort::new(1).unwrap(), 1, None)
@@ -717,7 +655,7 @@ fn root_port_routes_to_its_secondary_bus() {
 #[test]
 fn vf_enable_creates_functions_before_the_write_returns() {
     let p = Platform::new(0);
-    let pf = Arc::new(Mutex::new(PfDev::new(12)));
+    let pf = Arc::new(Mutex::new(pf_dev(12)));
     let maker = Arc::new(VfMaker {
         irq: p.irq.clone(),
         calls: Mutex::default(),

@@ -1,12 +1,16 @@
 use super::reg::*;
 use super::*;
-use crate::pci::{BarInfo, PciDevice, PciDeviceExt, PciExpressPort, PciIds};
+use crate::pci::testutil::{SriovPf as Pf, net_pf_ids};
+use crate::pci::{PciDevice, PciDeviceExt};
 
 /// A PF with the PCIe capability, ARI-sized routing (offset 1, stride 1), 7 VFs at most, a
 /// 32-bit VF BAR 0 of 16 KiB (pages of 4, 8 and 16 KiB) and a 64-bit prefetchable VF BAR 2 of 1 MiB.
-pub(crate) struct Pf {
-    pub config: ConfigSpace,
-    pub sriov: SriovCap,
+fn build_pf() -> Pf {
+    build_pf_with(params()).unwrap()
+}
+
+fn build_pf_with(params: SriovParams) -> Result<Pf, SriovError> {
+    Pf::new(&net_pf_ids(), params)
 }
 
 pub(crate) fn params() -> SriovParams {
@@ -34,56 +38,6 @@ pub(crate) fn params() -> SriovParams {
     }
 }
 
-impl Pf {
-    pub fn new() -> Self {
-        Self::with(params()).unwrap()
-    }
-
-    pub fn with(params: SriovParams) -> Result<Self, SriovError> {
-        let ids = PciIds {
-            vendor_id: 0x1af4,
-            device_id: 0x1041,
-            revision: 1,
-            class_code: 0x02_0000,
-            subsystem_vendor_id: 0x1af4,
-            subsystem_id: 1,
-        };
-        let mut config = ConfigSpace::endpoint(&ids);
-        config.add_capability(&Capability::pci_express(PciExpressPort::Endpoint))?;
-        // Something before SR-IOV in the extended chain, so the walk has a step to take.
-        config.add_capability(&Capability::extended(ext_cap_id::ARI, 1, 8))?;
-        let sriov = SriovCap::new(&mut config, params)?;
-        Ok(Self { config, sriov })
-    }
-
-    pub fn cap(&self) -> u16 {
-        self.sriov.offset()
-    }
-}
-
-impl PciDevice for Pf {
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.config.read(offset, data);
-    }
-
-    fn config_write(&mut self, offset: u16, data: &[u8]) -> ConfigEffects {
-        let mut effects = self.config.write(offset, data);
-        self.sriov
-            .config_written(&mut self.config, offset, data.len(), &mut effects);
-        effects
-    }
-
-    fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-
-    fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
-
-    fn bars(&self) -> Vec<BarInfo> {
-        self.config.bars()
-    }
-}
-
 fn bytes(pf: &mut Pf, off: u16, len: usize) -> Vec<u8> {
     let mut b = vec![0; len];
     pf.config_read(off, &mut b);
@@ -92,8 +46,8 @@ fn bytes(pf: &mut Pf, off: u16, len: usize) -> Vec<u8> {
 
 #[test]
 fn layout_byte_by_byte() {
-    let mut pf = Pf::new();
-    let cap = pf.cap();
+    let mut pf = build_pf();
+    let cap = pf.sriov.offset();
     assert_eq!(
         pf.config.find_extended_capability(ext_cap_id::SRIOV),
         Some(cap)
@@ -127,35 +81,38 @@ fn layout_byte_by_byte() {
 fn params_checked() {
     let mut p = params();
     p.initial_vfs = 8;
-    assert!(matches!(Pf::with(p), Err(SriovError::InitialVfs { .. })));
+    assert!(matches!(
+        build_pf_with(p),
+        Err(SriovError::InitialVfs { .. })
+    ));
     let mut p = params();
     p.supported_page_sizes = 2;
-    assert_eq!(Pf::with(p).err(), Some(SriovError::PageSizes(2)));
+    assert_eq!(build_pf_with(p).err(), Some(SriovError::PageSizes(2)));
     let mut p = params();
     // 64 KiB is the largest supported page (bit 4): a 16 KiB BAR is too small.
     p.supported_page_sizes = 0x17;
     assert!(matches!(
-        Pf::with(p),
+        build_pf_with(p),
         Err(SriovError::VfBar { index: 0, .. })
     ));
     let mut p = params();
     p.vf_bars[1].index = 0;
-    assert_eq!(Pf::with(p).err(), Some(SriovError::VfBarIndex(0)));
+    assert_eq!(build_pf_with(p).err(), Some(SriovError::VfBarIndex(0)));
     let mut p = params();
     p.vf_bars[1].index = 5;
-    assert_eq!(Pf::with(p).err(), Some(SriovError::VfBarIndex(5)));
+    assert_eq!(build_pf_with(p).err(), Some(SriovError::VfBarIndex(5)));
     let mut p = params();
     p.vf_bars[0].kind = BarKind::Io;
-    assert!(matches!(Pf::with(p), Err(SriovError::VfBar { .. })));
+    assert!(matches!(build_pf_with(p), Err(SriovError::VfBar { .. })));
     let mut p = params();
     p.vf_bars[0].size = 0x5000;
-    assert!(matches!(Pf::with(p), Err(SriovError::VfBar { .. })));
+    assert!(matches!(build_pf_with(p), Err(SriovError::VfBar { .. })));
 }
 
 #[test]
 fn read_only_fields_stay() {
-    let mut pf = Pf::new();
-    let cap = pf.cap();
+    let mut pf = build_pf();
+    let cap = pf.sriov.offset();
     let before = bytes(&mut pf, cap, LEN);
     for off in [
         0u16,
@@ -183,8 +140,8 @@ fn read_only_fields_stay() {
 
 #[test]
 fn num_vfs_rules() {
-    let mut pf = Pf::new();
-    let cap = pf.cap();
+    let mut pf = build_pf();
+    let cap = pf.sriov.offset();
     assert!(pf.config_write_u16(cap + NUM_VFS, 4).is_empty());
     assert_eq!(pf.config_read_u16(cap + NUM_VFS), 4);
     // Above TotalVFs: ignored, the old value stays.
@@ -206,8 +163,8 @@ fn num_vfs_rules() {
 
 #[test]
 fn vf_enable_and_disable() {
-    let mut pf = Pf::new();
-    let cap = pf.cap();
+    let mut pf = build_pf();
+    let cap = pf.sriov.offset();
     let _ = pf.config_write_u16(cap + NUM_VFS, 3);
     let e = pf.config_write_u16(cap + CONTROL, CTRL_VF_ENABLE | CTRL_ARI_CAPABLE);
     assert_eq!(
@@ -246,8 +203,8 @@ fn vf_enable_and_disable() {
 
 #[test]
 fn system_page_size_rules() {
-    let mut pf = Pf::new();
-    let cap = pf.cap();
+    let mut pf = build_pf();
+    let cap = pf.sriov.offset();
     for bad in [0u32, 3, 8, 0x800] {
         let _ = pf.config_write_u32(cap + SYSTEM_PAGE_SIZE, bad);
         assert_eq!(pf.config_read_u32(cap + SYSTEM_PAGE_SIZE), 1, "{bad:#x}");
@@ -261,8 +218,8 @@ fn system_page_size_rules() {
 
 #[test]
 fn vf_bar_sizing() {
-    let mut pf = Pf::new();
-    let cap = pf.cap();
+    let mut pf = build_pf();
+    let cap = pf.sriov.offset();
     let b0 = cap + VF_BAR0;
     let _ = pf.config_write_u32(b0, u32::MAX);
     assert_eq!(pf.config_read_u32(b0), 0xffff_c000);
@@ -281,8 +238,8 @@ fn vf_bar_sizing() {
 
 #[test]
 fn vf_bar_addressing_and_decoding() {
-    let mut pf = Pf::new();
-    let cap = pf.cap();
+    let mut pf = build_pf();
+    let cap = pf.sriov.offset();
     let _ = pf.config_write_u32(cap + VF_BAR0, 0xc000_0000);
     let _ = pf.config_write_u32(cap + VF_BAR0 + 8, 0x0010_0000);
     let _ = pf.config_write_u32(cap + VF_BAR0 + 12, 0x1);
@@ -354,7 +311,7 @@ fn routing_ids() {
         })
     );
     assert!(vf_routing_id(pf, u16::MAX, u16::MAX, u16::MAX).is_err());
-    let p = Pf::new();
+    let p = build_pf();
     assert_eq!(
         p.sriov.routing_id(Bdf::new(3, 0, 0), 6),
         Ok(Bdf::new(3, 0, 7))
@@ -363,8 +320,8 @@ fn routing_ids() {
 
 #[test]
 fn writes_outside_leave_it_alone() {
-    let mut pf = Pf::new();
-    let cap = pf.cap();
+    let mut pf = build_pf();
+    let cap = pf.sriov.offset();
     let _ = pf.config_write_u16(cap + NUM_VFS, 2);
     // A write spanning the end of the capability and one before it.
     let e = pf.config_write_u32(0x04, 0x6);
@@ -384,8 +341,8 @@ fn randomized() {
         seed ^= seed << 17;
         seed
     };
-    let mut pf = Pf::new();
-    let cap = pf.cap();
+    let mut pf = build_pf();
+    let cap = pf.sriov.offset();
     let fixed = bytes(&mut pf, cap, 0x08);
     let ro = bytes(&mut pf, cap + INITIAL_VFS, 4);
     let mut enabled = false;
