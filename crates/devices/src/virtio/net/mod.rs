@@ -753,7 +753,8 @@ impl Rx {
                 ring.rewind(start);
                 return Ok(Direct::Failed(e));
             }
-            Err(e @ super::DmaError::Unreachable { .. }) => {
+            // A buffer the device may not write, or one that wraps around the address space.
+            Err(e @ (super::DmaError::Unreachable { .. } | super::DmaError::Overflow { .. })) => {
                 stats.rx_bad_chains += 1;
                 tracing::debug!(head, "virtio-net: receive chain returned unused: {e}");
                 ring.add_used(head, 0)?;
