@@ -398,10 +398,6 @@ impl VirtioDevice for Console {
         Ok(())
     }
 
-    fn reset(&mut self) {
-        self.common.reset();
-    }
-
     fn process_queue(&mut self, queue: u16) {
         match queue {
             RX_QUEUE => {

@@ -149,16 +149,22 @@ pub trait VirtioDevice: Send {
 
     /// Start serving: the queues as the driver set them up (one per `queue_max_sizes` entry,
     /// ready or not), the interrupt handle, and the DMA space every queue and buffer address
-    /// is taken in.
+    /// is taken in. A device with state of its own to start overrides this and calls
+    /// [`VirtioCommon::activate`] first.
     fn activate(
         &mut self,
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
         dma: DmaSpace,
-    ) -> Result<(), ActivateError>;
+    ) -> Result<(), ActivateError> {
+        self.common_mut().activate(queues, interrupt, dma)
+    }
 
     /// Back to the state before feature negotiation: queues, interrupt and DMA space dropped.
-    fn reset(&mut self);
+    /// A device with state of its own overrides this and calls [`VirtioCommon::reset`] too.
+    fn reset(&mut self) {
+        self.common_mut().reset();
+    }
 
     /// The driver notified `queue`: serve what it made available. Errors are logged and end in
     /// [`VirtioInterrupt::set_needs_reset`]; an unknown or idle queue is ignored.

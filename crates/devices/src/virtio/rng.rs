@@ -7,14 +7,12 @@
 //! is returned with length 0 and a debug log. A host failure returns length 0 with a warning.
 
 use std::io;
-use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::Queue;
 
 use super::dma::{Access, DmaSnapshot};
 use super::queue::{Chain, parse_chain};
-use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
+use super::{VirtioCommon, VirtioDevice};
 
 /// Largest request queue the driver may set up.
 pub const QUEUE_SIZE: u16 = 256;
@@ -201,19 +199,6 @@ impl VirtioDevice for Rng {
         tracing::debug!(offset, len = data.len(), "virtio-rng: config write ignored");
     }
 
-    fn activate(
-        &mut self,
-        queues: Vec<Queue>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        dma: DmaSpace,
-    ) -> Result<(), ActivateError> {
-        self.common.activate(queues, interrupt, dma)
-    }
-
-    fn reset(&mut self) {
-        self.common.reset();
-    }
-
     fn process_queue(&mut self, queue: u16) {
         let Self {
             common,
@@ -233,10 +218,12 @@ mod tests {
     };
     use virtio_queue::desc::split::Descriptor;
 
+    use std::sync::Arc;
+
     use super::*;
     use crate::virtio::dma::PhysMemory;
-    use crate::virtio::features;
     use crate::virtio::testutil::{Desc, RecordingInterrupt, TestDriver, XorShift, test_memory};
+    use crate::virtio::{DmaSpace, features};
 
     const BUF: u64 = 0x10000;
     const HOLE: u64 = 0x18_0000;

@@ -7,19 +7,17 @@ mod request;
 mod tests;
 
 use std::mem::offset_of;
-use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, virtio_blk_config,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::Queue;
 
 pub use backend::{BlockBackend, BlockError, BlockOptions, SECTOR_SIZE, SERIAL_LEN};
 
 use super::features::bit;
-use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt};
+use super::{VirtioCommon, VirtioDevice};
 
 /// Largest request queue the driver may set up.
 pub const QUEUE_SIZE: u16 = 256;
@@ -134,19 +132,6 @@ impl VirtioDevice for Block {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Every field is read-only without VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
         tracing::debug!(offset, len = data.len(), "virtio-blk: config write ignored");
-    }
-
-    fn activate(
-        &mut self,
-        queues: Vec<Queue>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        dma: DmaSpace,
-    ) -> Result<(), ActivateError> {
-        self.common.activate(queues, interrupt, dma)
-    }
-
-    fn reset(&mut self) {
-        self.common.reset();
     }
 
     fn process_queue(&mut self, queue: u16) {

@@ -20,6 +20,7 @@ use vm_memory::{Bytes, GuestAddress, Permissions};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
+use crate::virtio::DmaSpace;
 use crate::virtio::dma::{DmaIommu, PhysMemory};
 use crate::virtio::features;
 use crate::virtio::testutil::{Desc, RecordingInterrupt, TestDriver, XorShift, test_memory};

@@ -36,7 +36,7 @@ use vm_memory::Permissions;
 
 use super::dma::{DmaFault, DmaIommu, DmaSnapshot, FaultKind, FaultReporter, IotlbStats};
 use super::queue::{QueueError, fill, parse_chain};
-use super::{ActivateError, DmaSpace, VirtioCommon, VirtioDevice, VirtioInterrupt, features};
+use super::{DmaSpace, VirtioCommon, VirtioDevice, features};
 use crate::bus::lock;
 
 /// Virtio device id of the IOMMU.
@@ -619,15 +619,6 @@ impl VirtioDevice for VirtioIommu {
             return;
         }
         self.state.set_bypass(data[0] == 1);
-    }
-
-    fn activate(
-        &mut self,
-        queues: Vec<Queue>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        dma: DmaSpace,
-    ) -> Result<(), ActivateError> {
-        self.common.activate(queues, interrupt, dma)
     }
 
     fn reset(&mut self) {
