@@ -683,7 +683,7 @@ pub(crate) fn read_fd_one(
 /// Run a `read`/`write`-style call until it is not interrupted; a negative result is the
 /// call's error.
 #[inline(always)]
-fn retry_io(mut call: impl FnMut() -> isize) -> Result<usize, DmaError> {
+pub(crate) fn retry_io(mut call: impl FnMut() -> isize) -> Result<usize, DmaError> {
     loop {
         match usize::try_from(call()) {
             Ok(n) => return Ok(n),

@@ -292,9 +292,9 @@ impl Chain<'_> {
             return None;
         }
         let desc = self.table.read(self.dma, self.next)?;
-        // A second level of indirection is refused by enter_indirect.
+        // A second level of indirection ends the chain (2.7.5.3.1).
         if desc.refers_to_indirect_table() {
-            self.enter_indirect(&desc)?;
+            return None;
         }
         self.yield_desc(desc)
     }

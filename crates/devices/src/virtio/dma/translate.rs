@@ -424,15 +424,8 @@ impl DmaMemory {
         access: Permissions,
     ) -> Result<(u64, usize), Refused> {
         self.lookups.set(self.lookups.get() + 1);
-        let first = self.last_hit.get();
-        for k in 0..WAYS {
-            let way = (first + k) % WAYS;
-            let m = self.cache[way].get();
-            if m.start <= addr && addr <= m.last && m.perm.allow(access) {
-                self.last_hit.set(way);
-                self.cached.set(self.cached.get() + 1);
-                return Ok(m.piece(addr, len));
-            }
+        if let Some(m) = self.cached(addr, access) {
+            return Ok(m.piece(addr, len));
         }
         match iommu.lookup(addr) {
             Some(m) if m.perm.allow(access) => {
@@ -630,6 +623,27 @@ impl DmaMemory {
         Some(unsafe { VolatileSlice::new(r.host.add(offset as usize), n) })
     }
 
+    /// Append the host slices of guest physical `[gpa, gpa+n)`; false if it is not all memory.
+    #[inline]
+    fn push_phys<'a>(&'a self, gpa: u64, n: usize, out: &mut Slices<'a>) -> bool {
+        // One region holds it (nearly always): no iterator.
+        if let Some(s) = self.phys_slice(gpa, n) {
+            out.push(s);
+            return true;
+        }
+        let mut got = 0usize;
+        for s in GuestMemoryBackend::get_slices(&self.space.phys, GuestAddress(gpa), n) {
+            match s {
+                Ok(s) => {
+                    got += s.len();
+                    out.push(s);
+                }
+                Err(_) => return false,
+            }
+        }
+        got == n
+    }
+
     /// Append the host slices behind `[addr, addr+len)` to `out`, translated and checked for
     /// `access` in one pass; false if any part is refused (reported) or not guest memory, and
     /// then the caller must not use `out`. The path of every copy: per piece a cache hit, a
@@ -644,10 +658,9 @@ impl DmaMemory {
         if len == 0 {
             return true;
         }
-        let phys = &self.space.phys;
         if self.space.iommu.is_none() {
             // Identity: nothing to translate or count.
-            return push_phys(phys, addr, len, out);
+            return self.push_phys(addr, len, out);
         }
         // One piece (nearly always): its slice, with no run to keep. Several: below, the
         // first again (now from the cache).
@@ -657,7 +670,7 @@ impl DmaMemory {
             .is_none();
         if !wraps {
             match self.translate(addr, len, access) {
-                Ok((gpa, n)) if n == len => return push_phys(phys, gpa, len, out),
+                Ok((gpa, n)) if n == len => return self.push_phys(gpa, len, out),
                 Ok(_) => {}
                 Err(_) => return false,
             }
@@ -670,41 +683,15 @@ impl DmaMemory {
             Some((start, m)) if start.checked_add(*m as u64) == Some(gpa) => *m += n,
             pending => {
                 if let Some((start, m)) = pending.replace((gpa, n)) {
-                    in_memory = in_memory && push_phys(phys, start, m, out);
+                    in_memory = in_memory && self.push_phys(start, m, out);
                 }
             }
         });
         if let Some((start, m)) = run {
-            in_memory = in_memory && push_phys(phys, start, m, out);
+            in_memory = in_memory && self.push_phys(start, m, out);
         }
         translated.is_ok() && in_memory
     }
-}
-
-/// Append the host slices of guest physical `[gpa, gpa+n)`; false if it is not all memory.
-#[inline]
-fn push_phys<'a>(phys: &'a PhysMemory, gpa: u64, n: usize, out: &mut Slices<'a>) -> bool {
-    // One region holds it (nearly always): no iterator.
-    if let Some(region) = phys.find_region(GuestAddress(gpa)) {
-        if let Some(offset) = region.to_region_addr(GuestAddress(gpa)) {
-            // get_slice refuses a range that runs past the region's end.
-            if let Ok(s) = region.get_slice(offset, n) {
-                out.push(s);
-                return true;
-            }
-        }
-    }
-    let mut got = 0usize;
-    for s in GuestMemoryBackend::get_slices(phys, GuestAddress(gpa), n) {
-        match s {
-            Ok(s) => {
-                got += s.len();
-                out.push(s);
-            }
-            Err(_) => return false,
-        }
-    }
-    got == n
 }
 
 impl Drop for DmaMemory {

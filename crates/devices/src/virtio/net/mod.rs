@@ -728,23 +728,21 @@ impl Rx {
         // buffers gets that `readv`. capacity <= MAX_FRAME_LEN: header and frame together stay
         // within MAX_FRAME_LEN, as on the copying path.
         let plain = capacity > self.frame_bound;
-        let tail_len = if plain { 0 } else { MAX_FRAME_LEN - capacity };
         // One buffer in one host slice (a receive buffer as Linux posts it): translated once,
         // for the read and the header.
-        let (one, read) = match self.ranges.as_slice() {
-            [r] => match dma.single(r.addr, r.len, Access::Write) {
-                Ok(Some(one)) if plain => (Some(one), super::dma::read_fd_one(fd, &one, &mut [])),
-                Ok(Some(one)) => (Some(one), read_host(fd, &mut self.buf)),
-                Ok(None) => {
-                    let tail = &mut self.buf[..tail_len];
-                    (None, dma.read_fd(fd, &sg_of(&self.ranges), tail))
-                }
-                Err(e) => (None, Err(e)),
-            },
-            _ => {
+        let one = match self.ranges.as_slice() {
+            [r] => dma.single(r.addr, r.len, Access::Write),
+            _ => Ok(None),
+        };
+        let (one, read) = match one {
+            Ok(Some(one)) if plain => (Some(one), super::dma::read_fd_one(fd, &one, &mut [])),
+            Ok(Some(one)) => (Some(one), read_host(fd, &mut self.buf)),
+            Ok(None) => {
+                let tail_len = if plain { 0 } else { MAX_FRAME_LEN - capacity };
                 let tail = &mut self.buf[..tail_len];
                 (None, dma.read_fd(fd, &sg_of(&self.ranges), tail))
             }
+            Err(e) => (None, Err(e)),
         };
         let bounced = one.is_some() && !plain;
         let n = match read {
@@ -957,19 +955,8 @@ fn buffers_available(ring: &mut Ring<'_, '_>) -> Result<bool, QueueError> {
 
 /// Read one frame from `fd` into host memory (a nonblocking `read`, retried if interrupted).
 fn read_host(fd: RawFd, buf: &mut [u8]) -> Result<usize, super::DmaError> {
-    loop {
-        // SAFETY: reads at most `buf.len()` bytes into `buf`, borrowed mutably for the call.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        match usize::try_from(n) {
-            Ok(n) => return Ok(n),
-            Err(_) => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(super::DmaError::Io(e));
-                }
-            }
-        }
-    }
+    // SAFETY: reads at most `buf.len()` bytes into `buf`, borrowed mutably for the call.
+    super::dma::retry_io(|| unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) })
 }
 
 /// The buffers of a receive chain as a list (for the paths that take one: a chain of several
